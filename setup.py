@@ -13,6 +13,7 @@ Environment switches (the ones flash-attention / xformers users know):
 * ``CMPE_SE_SKIP_CUDA_BUILD=1``   never build the CUDA extension
 * ``CMPE_SE_SKIP_CPP_BUILD=1``    build nothing (pure-Python install: reference + Triton)
 * ``FORCE_CUDA=1``                fail the install if the CUDA extension cannot be built
+* ``CMPE_SE_BUILD_ONLY=cpu|cuda`` (development) build only one of the two extensions
 
 An extension that fails to compile is skipped with a message; the package still installs and
 ``python -m cmpe_se_fused.info`` says what is missing and why.
@@ -81,13 +82,14 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-Xptxas=-v",
 
 if torch is not None and not _flag("CMPE_SE_SKIP_CPP_BUILD"):
     cpp_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    if os.path.exists(os.path.join(ROOT, "csrc/ops.cpp")):
+    only = os.environ.get("CMPE_SE_BUILD_ONLY", "").strip().lower()
+    if os.path.exists(os.path.join(ROOT, "csrc/ops.cpp")) and only != "cuda":
         ext_modules.append(CppExtension(
             "cmpe_se_fused._C", cpp_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"]))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-    want_cuda = not _flag("CMPE_SE_SKIP_CUDA_BUILD") and cuda_sources
+    want_cuda = not _flag("CMPE_SE_SKIP_CUDA_BUILD") and cuda_sources and only != "cpu"
     if want_cuda and torch.version.cuda is None:
         SKIPPED.append("CUDA extension: this torch is a CPU-only build")
     elif want_cuda and _cuda_home is None:
