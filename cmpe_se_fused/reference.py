@@ -230,3 +230,50 @@ def backward_op_reference(grad_y, u, pool_u, pool_x, gate, hidden, bn_mean, bn_i
         grad_u = torch.empty_like(u).copy_(gate[:, :, None, None] * grad_y.to(acc) + (du / p)[:, :, None, None])
         grad_x = torch.empty_like(u).copy_(grad_y.to(acc) + (dx / p)[:, :, None, None])
         return grad_u, grad_x, d_fc1, d_fc1_id, d_fc2, d_pair, d_gamma, d_beta
+
+
+# ---------------------------------------------------------------------------------------------
+# the eager module, written the way a PyTorch user would (nn layers, nn.BatchNorm2d itself)
+# ---------------------------------------------------------------------------------------------
+
+class CMPESEReference(torch.nn.Module):
+    """Plain-PyTorch CMPE-SE block with the SPEC parameter names (``fc1``, ``fc1_identity``,
+    ``fc2``, ``pair_conv``, ``pair_bn``). Same constructor as :class:`cmpe_se_fused.CMPESE`
+    minus ``backend``; state_dicts are interchangeable with ``strict=True``."""
+
+    def __init__(self, channels, mode="folded_3x3", reduction=16, pair_filters=None, fold_width=16, padding=0,
+                 bn_eps=1e-5, bn_momentum=0.1):
+        super().__init__()
+        from torch import nn
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.channels, self.mode, self.reduction = channels, mode, reduction
+        self.hidden = max(1, channels // reduction)
+        self.fold_width, self.padding = fold_width, padding
+        self.pair_filters = (pair_filters or max(1, channels // 16)) if mode in PAIR_MODES else 0
+        self.fc1 = nn.Linear(relation_dim(mode, channels, fold_width, padding), self.hidden, bias=False)
+        if mode == "double_fc":
+            self.fc1_identity = nn.Linear(channels, self.hidden, bias=False)
+        self.fc2 = nn.Linear(2 * self.hidden if mode == "double_fc" else self.hidden, channels, bias=False)
+        if mode in PAIR_MODES:
+            pad = padding if mode == "folded_3x3" else 0
+            self.pair_conv = nn.Conv2d(1, self.pair_filters, KERNEL_SIZE[mode], padding=pad, bias=False)
+            self.pair_bn = nn.BatchNorm2d(self.pair_filters, eps=bn_eps, momentum=bn_momentum)
+
+    def forward(self, u, x):
+        acc = acc_dtype(u.dtype)
+        pool_u, pool_x = u.to(acc).mean((2, 3)), x.to(acc).mean((2, 3))
+        params = {k: v.to(acc) for k, v in self.named_parameters()}
+        fc1 = lambda z: F.linear(z, params["fc1.weight"])  # noqa: E731
+        if self.mode == "double_fc":
+            h = torch.cat([F.relu(fc1(pool_u)), F.relu(F.linear(pool_x, params["fc1_identity.weight"]))], 1)
+        else:
+            if self.mode == "se":
+                z = pool_u
+            else:
+                img = fold(pool_u, pool_x, self.fold_width) if self.mode == "folded_3x3" else pair_map(pool_u, pool_x)
+                a = F.conv2d(img, params["pair_conv.weight"], padding=self.pair_conv.padding)
+                z = self.pair_bn(a).mean(1).flatten(1)  # nn.BatchNorm2d itself (batch stats + running update)
+            h = F.relu(fc1(z))
+        gate = torch.sigmoid(F.linear(h, params["fc2.weight"]))
+        return torch.empty_like(u).copy_(gate[:, :, None, None] * u.to(acc) + x.to(acc))

@@ -1,0 +1,134 @@
+"""Backends, what each supports, and the choice (with its reasons).
+
+Each backend is a small object with a name and ``not_supported_reasons(u)``. ``auto`` picks the
+first usable backend for the input's device (CUDA: cuda, triton, reference; CPU: cpu, reference)
+and logs the choice once. An explicitly requested backend that cannot run raises with its
+reasons; it never falls back silently.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+
+from . import ops
+
+logger = logging.getLogger("cmpe_se_fused")
+
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class Backend:
+    name = ""
+    devices: tuple[str, ...] = ()
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+    def static_reasons(self) -> list[str]:
+        """Reasons this backend cannot run on this machine at all."""
+        return []
+
+    def not_supported_reasons(self, u: torch.Tensor | None = None) -> list[str]:
+        reasons = list(self.static_reasons())
+        if u is not None:
+            if u.device.type not in self.devices:
+                reasons.append(f"input is on {u.device.type}; {self.name} runs on {'/'.join(self.devices)} tensors")
+            if u.dtype not in self.dtypes:
+                reasons.append(f"dtype {u.dtype} is not supported (supported: {self.dtypes})")
+        return reasons
+
+    @property
+    def ops(self):
+        return ops.OPS[self.name]
+
+
+class ReferenceBackend(Backend):
+    name, devices = "reference", ("cpu", "cuda", "meta")
+
+
+class CpuBackend(Backend):
+    name, devices = "cpu", ("cpu",)
+
+    def static_reasons(self):
+        if not ops.HAS_C:
+            return [f"the compiled extension cmpe_se_fused._C is not available ({ops.EXTENSION_STATUS['_C']})"]
+        return []
+
+
+class CudaBackend(Backend):
+    name, devices = "cuda", ("cuda",)
+
+    def static_reasons(self):
+        if not ops.HAS_C_CUDA:
+            return [f"the CUDA extension cmpe_se_fused._C_cuda is not available "
+                    f"({ops.EXTENSION_STATUS.get('_C_cuda', 'not built')})"]
+        if not torch.cuda.is_available():
+            return ["torch.cuda.is_available() is False (no GPU or no CUDA driver)"]
+        return []
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    @property
+    def devices(self):
+        # Triton's interpreter runs the kernels on CPU tensors (tests only; slow)
+        return ("cuda", "cpu") if _interpreting() else ("cuda",)
+
+    def static_reasons(self):
+        if importlib.util.find_spec("triton") is None:
+            return ["triton is not installed"]
+        if not _interpreting() and not torch.cuda.is_available():
+            return ["no GPU (torch.cuda.is_available() is False) and TRITON_INTERPRET is not set"]
+        return []
+
+    def not_supported_reasons(self, u=None):
+        reasons = super().not_supported_reasons(u)
+        if u is not None and u.device.type == "cpu" and u.dtype == torch.bfloat16:
+            reasons.append("bfloat16 does not run under Triton's CPU interpreter")
+        return reasons
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), CpuBackend(), TritonBackend(), CudaBackend())}
+_logged: set = set()
+
+
+def choose(backend: str, u: torch.Tensor) -> Backend:
+    """The backend that runs ``u``: ``backend`` itself if it can, else a clear error; for
+    ``auto`` (or ``CMPE_SE_BACKEND``) the first usable one in :data:`AUTO_ORDER`."""
+    if backend == "auto":
+        backend = os.environ.get("CMPE_SE_BACKEND", "auto").strip() or "auto"
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"CMPE_SE_BACKEND={backend!r} is not a backend; expected one of "
+                             f"{('auto',) + BACKEND_NAMES}")
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+        reasons = BACKENDS[backend].not_supported_reasons(u)
+        if reasons:
+            raise RuntimeError(f"cmpe_se backend {backend!r} cannot run this input: " + "; ".join(reasons))
+        return BACKENDS[backend]
+    order = AUTO_ORDER.get(u.device.type, ("reference",))
+    skipped = []
+    for name in order:
+        reasons = BACKENDS[name].not_supported_reasons(u)
+        if not reasons:
+            key = (u.device.type, u.dtype, name)
+            if key not in _logged:
+                _logged.add(key)
+                why = "".join(f"; {s}" for s in skipped)
+                logger.info("cmpe_se: backend=auto chose %r for %s %s inputs%s", name, u.device.type, u.dtype, why)
+            return BACKENDS[name]
+        skipped.append(f"{name} skipped: {', '.join(reasons)}")
+    raise RuntimeError("no cmpe_se backend can run this input: " + "; ".join(skipped))
+
+
+def availability() -> dict[str, list[str]]:
+    """Backend name -> reasons it is unusable on this machine (empty list: usable)."""
+    return {name: be.static_reasons() for name, be in BACKENDS.items()}

@@ -1,0 +1,159 @@
+"""Custom ops: schemas, fake kernels, autograd. Written once for every compiled backend.
+
+Op pairs (see ``docs/ARCHITECTURE.md`` for the contract):
+
+* ``cmpe_se::forward`` / ``cmpe_se::backward``: schemas defined in C++ (``csrc/ops.cpp``); CPU
+  kernels in ``_C``, CUDA kernels in ``_C_cuda``.
+* ``cmpe_se::triton_forward`` / ``cmpe_se::triton_backward``: same schemas, defined here, Triton
+  kernels from :mod:`cmpe_se_fused.triton_kernels`.
+
+``torch.library.register_autograd`` refuses ops that mutate an input (the running statistics),
+so each forward op gets an ``Autograd``-key kernel: an ``autograd.Function`` that redispatches
+below autograd (what ``register_autograd`` does internally). The backward op is
+once-differentiable.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .reference import acc_dtype
+
+FORWARD_SCHEMA = (
+    "(Tensor u, Tensor x, Tensor fc1_weight, Tensor? fc1_identity_weight, Tensor fc2_weight, "
+    "Tensor? pair_weight, Tensor? bn_weight, Tensor? bn_bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
+    "str mode, bool training, float momentum, float eps, int fold_width, int padding) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+BACKWARD_SCHEMA = (
+    "(Tensor grad_y, Tensor u, Tensor pool_u, Tensor pool_x, Tensor gate, Tensor hidden, "
+    "Tensor bn_mean, Tensor bn_invstd, Tensor fc1_weight, Tensor? fc1_identity_weight, Tensor fc2_weight, "
+    "Tensor? pair_weight, Tensor? bn_weight, Tensor? bn_bias, str mode, bool training, int fold_width, "
+    "int padding) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+#: why an extension is missing, by module name; empty string when loaded
+EXTENSION_STATUS: dict[str, str] = {}
+
+
+def _try_import(name: str) -> bool:
+    try:
+        importlib.import_module(f"cmpe_se_fused.{name}")
+        EXTENSION_STATUS[name] = ""
+        return True
+    except Exception as exc:  # noqa: BLE001 - ImportError, OSError (missing libcudart), ...
+        EXTENSION_STATUS[name] = f"{type(exc).__name__}: {exc}"
+        return False
+
+
+HAS_C = _try_import("_C")
+HAS_C_CUDA = HAS_C and _try_import("_C_cuda")
+if not HAS_C:
+    EXTENSION_STATUS.setdefault("_C_cuda", "needs cmpe_se_fused._C (the op schemas) first")
+
+_lib = torch.library.Library("cmpe_se", "FRAGMENT")  # noqa: TOR901
+_lib.define("triton_forward" + FORWARD_SCHEMA)
+_lib.define("triton_backward" + BACKWARD_SCHEMA)
+
+
+def _triton_forward_impl(*args):
+    from . import triton_kernels
+    return triton_kernels.forward(*args)
+
+
+def _triton_backward_impl(*args):
+    from . import triton_kernels
+    return triton_kernels.backward(*args)
+
+
+for _key in ("CUDA", "CPU"):  # CPU: Triton's interpreter (TRITON_INTERPRET=1), for testing
+    _lib.impl("triton_forward", _triton_forward_impl, _key)
+    _lib.impl("triton_backward", _triton_backward_impl, _key)
+
+
+# ---------------------------------------------------------------------------------------------
+# fake (meta) kernels
+# ---------------------------------------------------------------------------------------------
+
+def _fake_forward(u, x, fc1_weight, fc1_identity_weight, fc2_weight, pair_weight, bn_weight, bn_bias,
+                  running_mean, running_var, mode, training, momentum, eps, fold_width, padding):
+    acc = acc_dtype(u.dtype)
+    n, c = u.shape[0], u.shape[1]
+    e = pair_weight.shape[0] if pair_weight is not None else 0
+    small = lambda *shape: u.new_empty(shape, dtype=acc)  # noqa: E731
+    return (torch.empty_like(u), small(n, c), small(n, c), small(n, c), small(n, fc2_weight.shape[1]),
+            small(e), small(e))
+
+
+def _fake_backward(grad_y, u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1_weight,
+                   fc1_identity_weight, fc2_weight, pair_weight, bn_weight, bn_bias, mode, training,
+                   fold_width, padding):
+    like = lambda t: gate.new_empty(0) if t is None else torch.empty_like(t, dtype=gate.dtype)  # noqa: E731
+    return (torch.empty_like(u), torch.empty_like(u), like(fc1_weight), like(fc1_identity_weight),
+            like(fc2_weight), like(pair_weight), like(bn_weight), like(bn_bias))
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------------------------
+
+_N_FORWARD_ARGS = 16
+
+
+def _make_autograd(forward_op, backward_op):
+    class CMPESEFunction(torch.autograd.Function):
+        """``Y = gate * U + X`` through ``forward_op``; gradients through ``backward_op``."""
+
+        @staticmethod
+        def forward(ctx, *args):
+            with torch._C._AutoDispatchBelowAutograd():
+                outs = forward_op(*args)
+            (u, _x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, _rm, _rv, mode, training, _mom, _eps,
+             fold_width, padding) = args
+            y, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd = outs
+            ctx.save_for_backward(u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd,
+                                  fc1, fc1_id, fc2, pair_w, bn_w, bn_b)
+            ctx.config = (mode, training, fold_width, padding)
+            ctx.mark_non_differentiable(pool_u, pool_x, gate, hidden, bn_mean, bn_invstd)
+            return outs
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_y, *_unused):
+            mode, training, fold_width, padding = ctx.config
+            saved = ctx.saved_tensors
+            grads = backward_op(grad_y, *saved, mode, training, fold_width, padding)
+            g_u, g_x, g_fc1, g_fc1_id, g_fc2, g_pair, g_bn_w, g_bn_b = grads
+            present = (lambda g, t: g if t is not None else None)  # noqa: E731
+            _u, _pu, _px, _g, _h, _m, _s, fc1, fc1_id, fc2, pair_w, bn_w, bn_b = saved
+            return (g_u, g_x, g_fc1, present(g_fc1_id, fc1_id), g_fc2, present(g_pair, pair_w),
+                    present(g_bn_w, bn_w), present(g_bn_b, bn_b)) + (None,) * (_N_FORWARD_ARGS - 8)
+
+    def autograd_kernel(*args):
+        return CMPESEFunction.apply(*args)
+
+    return autograd_kernel
+
+
+def _register(forward_name: str, backward_name: str):
+    qual_f, qual_b = f"cmpe_se::{forward_name}", f"cmpe_se::{backward_name}"
+    torch.library.register_fake(qual_f, _fake_forward, lib=_lib)
+    torch.library.register_fake(qual_b, _fake_backward, lib=_lib)
+    forward_op = getattr(torch.ops.cmpe_se, forward_name).default
+    backward_op = getattr(torch.ops.cmpe_se, backward_name).default
+    _lib.impl(forward_name, _make_autograd(forward_op, backward_op), "Autograd")
+
+
+#: op pairs by backend name
+OPS: dict[str, tuple] = {}
+_register("triton_forward", "triton_backward")
+OPS["triton"] = (torch.ops.cmpe_se.triton_forward.default, torch.ops.cmpe_se.triton_backward.default)
+if HAS_C:
+    _register("forward", "backward")
+    OPS["cpu"] = OPS["cuda"] = (torch.ops.cmpe_se.forward.default, torch.ops.cmpe_se.backward.default)
+
+
+def schema_of(op_name: str) -> str:
+    """The registered schema of ``cmpe_se::<op_name>`` as a string (for the schema-equality test)."""
+    return str(getattr(torch.ops.cmpe_se, op_name).default._schema)
