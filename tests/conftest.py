@@ -1,0 +1,69 @@
+"""Shared test helpers: random layer parameters and the tolerance rule.
+
+Tolerance rule (STYLE.md, after flash-attention): a backend's error against a float64 reference
+must be at most a small multiple of the error plain PyTorch (the eager reference) makes in the
+same dtype, plus a tiny absolute floor for outputs that are exactly representable.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from cmpe_se_fused.reference import KERNEL_SIZE, PAIR_MODES, relation_dim
+
+TOL_MULTIPLE = 4.0
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_params(mode, channels, *, reduction=4, pair_filters=3, fold_width=8, padding=0, dtype=torch.float64,
+                device="cpu", seed=0):
+    """Random weights for the functional API (weights in ``dtype``), running stats included."""
+    g = torch.Generator().manual_seed(seed)
+    r = max(1, channels // reduction)
+    dz = relation_dim(mode, channels, fold_width, padding)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)  # noqa: E731
+    p = {"fc1_weight": rnd(r, dz) / dz ** 0.5,
+         "fc2_weight": rnd(channels, 2 * r if mode == "double_fc" else r) / r ** 0.5}
+    if mode == "double_fc":
+        p["fc1_identity_weight"] = rnd(r, channels) / channels ** 0.5
+    if mode in PAIR_MODES:
+        e = pair_filters
+        p["pair_weight"] = rnd(e, 1, *KERNEL_SIZE[mode])
+        p["bn_weight"] = (1 + 0.3 * rnd(e))
+        p["bn_bias"] = 0.3 * rnd(e)
+        p["running_mean"] = 0.1 * rnd(e)
+        p["running_var"] = (1 + 0.2 * rnd(e).abs())
+    return p
+
+
+def assert_close_rule(out, ref64, eager, name="output", multiple=TOL_MULTIPLE, atol_floor=1e-6):
+    """``|out - ref64|`` within ``multiple * |eager - ref64| + floor`` (max norm, per tensor)."""
+    out64, eager64 = out.double(), eager.double()
+    assert torch.equal(torch.isnan(out64), torch.isnan(ref64)), f"{name}: NaN pattern differs"
+    finite = torch.isfinite(ref64)
+    err = (out64 - ref64)[finite].abs().max().item() if finite.any() else 0.0
+    base = (eager64 - ref64)[finite].abs().max().item() if finite.any() else 0.0
+    scale = ref64[finite].abs().max().item() if finite.any() else 1.0
+    bound = multiple * base + atol_floor * max(scale, 1.0)
+    assert err <= bound, f"{name}: max error {err:.3e} > {multiple} x eager error {base:.3e} + floor"
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_env(monkeypatch):
+    """Tests choose backends explicitly; a CMPE_SE_BACKEND in the environment must not leak in."""
+    if "CMPE_SE_BACKEND" in os.environ:
+        monkeypatch.delenv("CMPE_SE_BACKEND")
