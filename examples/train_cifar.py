@@ -1,0 +1,380 @@
+#!/usr/bin/env python
+"""Train the paper's CIFAR networks with CMPE-SE layers (recipe and options: docs/TRAINING.md).
+
+    python examples/train_cifar.py --data ~/data --dataset cifar100 --model wrn16_8 --se-mode folded_3x3
+    python examples/train_cifar.py --synthetic --model preact_resnet20 --fold-width 4 --epochs 2 --steps-per-epoch 5
+    torchrun --nproc_per_node 8 examples/train_cifar.py --data ~/data --model wrn28_10 --sync-bn --sync-se-bn
+
+Recipe (Hu et al. 2018, after He et al. / Zagoruyko & Komodakis): SGD, Nesterov momentum 0.9,
+global batch 128, 200 epochs, weight decay 5e-4 for every model; lr 0.1, divided by 10 at epochs
+100 and 150 (pre-act ResNet) or by 5 at 60, 120 and 160 (WRN); milestones scale with ``--epochs``.
+``--mixup ALPHA`` trains the ``--epochs`` with mixup, then ``--plain-epochs`` (20) without it at
+the last learning rate. Standard augmentation: 4-pixel padded random crop, horizontal flip,
+per-channel normalisation, done on the device on whole batches (no torchvision needed).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import pickle
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, TensorDataset
+
+from cmpe_se_fused.distributed import convert_sync_batchnorm, convert_sync_cmpe_se
+from cmpe_se_fused.models import preact_resnet, wide_resnet
+
+MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
+STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
+SE_MODES = ("none", "se", "double_fc", "pair_2x1", "pair_1x1", "folded_3x3")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    a = p.add_argument
+    a("--dataset", choices=("cifar10", "cifar100"), default="cifar10")
+    a("--data", default="./data", help="folder holding cifar-10-batches-py / cifar-100-python")
+    a("--download", action="store_true", help="download into --data (needs torchvision)")
+    a("--synthetic", action="store_true", help="random images (class-dependent colour), no data needed")
+    a("--synthetic-size", type=int, default=2048, help="synthetic training images (test: a quarter)")
+    a("--model", default="preact_resnet164",
+      help="preact_resnet110|preact_resnet164|wrn16_8|wrn22_10|wrn28_10 (any preact_resnetD, wrnD_K)")
+    a("--se-mode", choices=SE_MODES, default="folded_3x3")
+    a("--backend", default="auto", help="CMPE-SE backend: auto|reference|cpu|triton|cuda")
+    a("--fold-width", type=int, help="override the fold width m (default: 16 pre-act, C/10 WRN)")
+    a("--pair-filters", type=int, help="override the pair-view filter count e")
+    a("--padding", type=int, choices=(0, 1), help="padding of the folded 3x3 conv (default 0)")
+    a("--reduction", type=int, help="override the reduction t (default 16)")
+    a("--dropout", type=float, default=0.0, help="WRN dropout between the convs")
+    a("--epochs", type=int, default=200)
+    a("--plain-epochs", type=int, default=20, help="epochs without mixup after the mixup ones")
+    a("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup Beta(ALPHA, ALPHA); 0: off")
+    a("--batch-size", type=int, default=128, help="global batch (split over the ranks)")
+    a("--lr", type=float, default=0.1)
+    a("--momentum", type=float, default=0.9)
+    a("--wd", type=float, default=5e-4, help="weight decay (5e-4 for every model)")
+    a("--no-nesterov", action="store_true")
+    a("--steps-per-epoch", type=int, default=0, help="cut epochs short (smoke runs); also caps evaluation")
+    a("--amp", choices=("bf16", "fp16"), help="autocast dtype (fp16 uses a GradScaler)")
+    a("--channels-last", action="store_true")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--sync-bn", action="store_true", help="nn.SyncBatchNorm for the network's BatchNorms (GPU)")
+    a("--sync-se-bn", action="store_true", help="global-batch statistics in the pair-view BatchNorms")
+    a("--workers", type=int, default=2)
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--out", default="runs/cifar", help="checkpoints, CSV log and curves go here")
+    a("--resume", help="checkpoint to resume from ('auto': OUT/last.pt if it exists)")
+    a("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+
+def _read_batches(folder: Path, names, label_key):
+    xs, ys = [], []
+    for name in names:
+        with open(folder / name, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[label_key], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def load_cifar(root: str, dataset: str, download: bool):
+    """(train_x uint8 (N,3,32,32), train_y, test_x, test_y) from the python-pickle release."""
+    sub = "cifar-10-batches-py" if dataset == "cifar10" else "cifar-100-python"
+    folder = Path(root).expanduser() / sub
+    if not folder.is_dir() and download:
+        try:
+            import torchvision
+        except ImportError:
+            sys.exit("--download needs torchvision (pip install torchvision), or fetch the python version of "
+                     f"{dataset} into {folder} yourself")
+        cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+        for train in (True, False):
+            cls(str(Path(root).expanduser()), train=train, download=True)
+    if not folder.is_dir():
+        sys.exit(f"no {dataset} data in {folder}: pass --download (needs torchvision), --data DIR or --synthetic")
+    if dataset == "cifar10":
+        train = _read_batches(folder, [f"data_batch_{i}" for i in range(1, 6)], b"labels")
+        test = _read_batches(folder, ["test_batch"], b"labels")
+    else:
+        train = _read_batches(folder, ["train"], b"fine_labels")
+        test = _read_batches(folder, ["test"], b"fine_labels")
+    return (*train, *test)
+
+
+def synthetic_cifar(n_train: int, num_classes: int, seed: int):
+    """Noise images whose mean colour depends on the class: learnable, so curves go down."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.randint(40, 216, (num_classes, 3, 1, 1), generator=g)
+
+    def make(n):
+        y = torch.randint(0, num_classes, (n,), generator=g)
+        x = (colours[y] + torch.randint(-40, 41, (n, 3, 32, 32), generator=g)).clamp(0, 255).to(torch.uint8)
+        return x, y
+
+    return (*make(n_train), *make(max(1, n_train // 4)))
+
+
+def augment(x_uint8, mean, std, train: bool):
+    """Normalise; in training also a random 32x32 crop of the 4-padded image and a random flip."""
+    x = (x_uint8.float() / 255 - mean) / std
+    if not train:
+        return x
+    n = x.shape[0]
+    padded = F.pad(x, (4, 4, 4, 4))
+    oy, ox = torch.randint(0, 9, (n,), device=x.device), torch.randint(0, 9, (n,), device=x.device)
+    ar = torch.arange(32, device=x.device)
+    rows, cols = (oy[:, None] + ar)[:, :, None], (ox[:, None] + ar)[:, None, :]
+    x = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    flip = torch.rand(n, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------
+# model, optimiser, schedule
+# ------------------------------------------------------------------------------------------------
+
+def model_config(args, num_classes):
+    se_kwargs = {k: v for k, v in dict(fold_width=args.fold_width, pair_filters=args.pair_filters,
+                                       padding=args.padding, reduction=args.reduction).items() if v is not None}
+    se_kwargs["backend"] = args.backend
+    return dict(model=args.model, num_classes=num_classes, se_mode=None if args.se_mode == "none" else args.se_mode,
+                dropout=args.dropout, se_kwargs=se_kwargs)
+
+
+def build_model(config):
+    """The network of a config dict (as saved in checkpoints: model, num_classes, se_mode, se_kwargs)."""
+    name, kw = config["model"], dict(config.get("se_kwargs", {}))
+    if m := re.fullmatch(r"preact_resnet(\d+)", name):
+        return preact_resnet(int(m[1]), config["num_classes"], se_mode=config["se_mode"], **kw)
+    if m := re.fullmatch(r"wrn(\d+)_(\d+)", name):
+        return wide_resnet(int(m[1]), int(m[2]), config["num_classes"], se_mode=config["se_mode"],
+                           dropout=config.get("dropout", 0.0), **kw)
+    raise SystemExit(f"unknown --model {name!r}: preact_resnetD (D = 6n+2 or 9n+2) or wrnD_K (D = 6n+4)")
+
+
+def schedule(args):
+    """(milestones, gamma) of the paper's step schedule, scaled to --epochs."""
+    if args.model.startswith("wrn"):
+        fractions, gamma = (0.3, 0.6, 0.8), 0.2
+    else:
+        fractions, gamma = (0.5, 0.75), 0.1
+    return sorted({max(1, round(f * args.epochs)) for f in fractions}), gamma
+
+
+# ------------------------------------------------------------------------------------------------
+# distributed, progress, logging
+# ------------------------------------------------------------------------------------------------
+
+def setup_distributed(args):
+    """(rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; multi-node the same."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(args.device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), world, torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+def progress(iterable, total, desc, enabled):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def reduce_sums(values, device, world):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+FIELDS = ("epoch", "lr", "mixup", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "images_per_s")
+
+
+def write_log(out: Path, history):
+    with open(out / "log.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(history)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ep = [r["epoch"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "test"):
+        ax1.plot(ep, [r[f"{split}_loss"] for r in history], label=split)
+        ax2.plot(ep, [100 * (1 - r[f"{split}_acc"]) for r in history], label=split)
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax2.set(xlabel="epoch", ylabel="error (%)", title="top-1 error")
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# train / evaluate
+# ------------------------------------------------------------------------------------------------
+
+def run_epoch(model, loader, ctx, train, mix_alpha=0.0, opt=None, scaler=None, desc=""):
+    """One pass; returns (loss sum, correct, count) of this rank."""
+    model.train(train)
+    loss_sum = correct = count = 0.0
+    steps = len(loader) if not ctx["steps"] else min(ctx["steps"], len(loader))
+    with torch.set_grad_enabled(train):
+        for step, (x, y) in enumerate(progress(loader, steps, desc, ctx["show"])):
+            if step >= steps:
+                break
+            x = augment(x.to(ctx["device"], non_blocking=True), ctx["mean"], ctx["std"], train)
+            y = y.to(ctx["device"], non_blocking=True)
+            if ctx["channels_last"]:
+                x = x.contiguous(memory_format=torch.channels_last)
+            lam, perm = 1.0, None
+            if mix_alpha > 0:
+                lam = float(np.random.beta(mix_alpha, mix_alpha))
+                perm = torch.randperm(x.shape[0], device=x.device)
+                x = lam * x + (1 - lam) * x[perm]
+            with torch.autocast(ctx["device"].type, dtype=ctx["amp"], enabled=ctx["amp"] is not None):
+                out = model(x)
+                loss = F.cross_entropy(out.float(), y)
+                if perm is not None:
+                    loss = lam * loss + (1 - lam) * F.cross_entropy(out.float(), y[perm])
+            if train:
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            pred = out.argmax(1)
+            hits = (pred == y).float().sum() if perm is None else \
+                lam * (pred == y).float().sum() + (1 - lam) * (pred == y[perm]).float().sum()
+            loss_sum += loss.item() * x.shape[0]
+            correct += hits.item()
+            count += x.shape[0]
+    return loss_sum, correct, count
+
+
+def make_loaders(args, data, rank, world):
+    train_x, train_y, test_x, test_y = data
+    per_rank = max(1, args.batch_size // world)
+    train_set, test_set = TensorDataset(train_x, train_y), TensorDataset(test_x, test_y)
+    if world > 1:
+        train_sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+        test_sampler = DistributedSampler(test_set, world, rank, shuffle=False)
+    else:
+        train_sampler, test_sampler = RandomSampler(train_set), SequentialSampler(test_set)
+    kw = dict(num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
+              persistent_workers=args.workers > 0)
+    train = DataLoader(train_set, per_rank, sampler=train_sampler, drop_last=True, **kw)
+    test = DataLoader(test_set, per_rank, sampler=test_sampler, **kw)
+    return train, test, train_sampler
+
+
+def prepare_model(args, config, device, world):
+    """(core model for state_dicts, the model to call)."""
+    core = build_model(config).to(device)
+    if args.sync_bn or args.sync_se_bn:
+        if args.sync_bn and device.type == "cpu" and world > 1:
+            raise SystemExit("--sync-bn needs GPUs (torch's SyncBatchNorm); --sync-se-bn works on CPU")
+        core = convert_sync_batchnorm(core, cmpe_se=args.sync_se_bn) if args.sync_bn else convert_sync_cmpe_se(core)
+    if args.channels_last:
+        core = core.to(memory_format=torch.channels_last)
+    model = core
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+    if args.compile:
+        model = torch.compile(model)
+    return core, model
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args)
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    num_classes = 10 if args.dataset == "cifar10" else 100
+    data = synthetic_cifar(args.synthetic_size, num_classes, args.seed) if args.synthetic else \
+        load_cifar(args.data, args.dataset, args.download and rank == 0)
+    config = model_config(args, num_classes)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    core, model = prepare_model(args, config, device, world)
+    torch.manual_seed(args.seed + rank)
+    opt = torch.optim.SGD(core.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
+                          nesterov=not args.no_nesterov)
+    milestones, gamma = schedule(args)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    out = Path(args.out)
+    history, start = [], 0
+    resume = str(out / "last.pt") if args.resume == "auto" and (out / "last.pt").exists() else args.resume
+    if resume and resume != "auto":
+        ckpt = torch.load(resume, map_location=device, weights_only=False)
+        core.load_state_dict(ckpt["model"], strict=True)
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        history, start = ckpt["history"], ckpt["epoch"]
+    train_loader, test_loader, sampler = make_loaders(args, data, rank, world)
+    ctx = dict(device=device, steps=args.steps_per_epoch, show=rank == 0 and not args.no_progress,
+               channels_last=args.channels_last, amp={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp),
+               mean=torch.tensor(MEAN[args.dataset], device=device).view(1, 3, 1, 1),
+               std=torch.tensor(STD[args.dataset], device=device).view(1, 3, 1, 1))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in core.parameters())
+        print(f"{args.model} se_mode={args.se_mode} backend={args.backend}: {n_params / 1e6:.3f}M parameters; "
+              f"{world} process(es), device {device}; lr milestones {milestones} x{gamma}", flush=True)
+    total_epochs = args.epochs + (args.plain_epochs if args.mixup > 0 else 0)
+    for epoch in range(start, total_epochs):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        lr, mixing = opt.param_groups[0]["lr"], args.mixup if epoch < args.epochs else 0.0
+        t0 = time.perf_counter()
+        tr = reduce_sums(run_epoch(model, train_loader, ctx, True, mixing, opt, scaler, f"epoch {epoch + 1}"),
+                         device, world)
+        elapsed = time.perf_counter() - t0
+        if epoch < args.epochs:
+            sched.step()
+        te = reduce_sums(run_epoch(model, test_loader, ctx, False, desc="test"), device, world)
+        row = dict(epoch=epoch + 1, lr=lr, mixup=mixing, train_loss=tr[0] / tr[2], train_acc=tr[1] / tr[2],
+                   test_loss=te[0] / te[2], test_acc=te[1] / te[2], epoch_time_s=round(elapsed, 3),
+                   images_per_s=round(tr[2] / elapsed, 1))
+        history.append(row)
+        if rank == 0:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            ckpt = dict(model=core.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                        scaler=scaler.state_dict(), epoch=epoch + 1, history=history, config=config, args=vars(args))
+            torch.save(ckpt, out / "last.pt.tmp")
+            os.replace(out / "last.pt.tmp", out / "last.pt")  # never a half-written checkpoint
+            write_log(out, history)
+    if world > 1:
+        dist.destroy_process_group()
+    return history
+
+
+if __name__ == "__main__":
+    main()
