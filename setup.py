@@ -76,7 +76,7 @@ except ImportError:  # building metadata only, or torch missing: pure-Python ins
     SKIPPED.append("all compiled extensions: torch is not importable at build time "
                    "(install torch first and use --no-build-isolation)")
 
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]  # CPU kernels: see csrc/cpu/
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-DNDEBUG"]  # CPU kernels: see csrc/cpu/
 NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-Xptxas=-v",
               "--expt-relaxed-constexpr", "-DNDEBUG"]
 

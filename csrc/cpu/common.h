@@ -1,0 +1,103 @@
+// Helpers shared by forward.cpp and backward.cpp (tensor-level; kernels live in kernels_impl.h).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "cpu/checks.h"
+#include "cpu/kernels.h"
+#include "cpu/pair_view.h"
+
+namespace cmpe_se {
+namespace cpu {
+
+template <class T> struct StorageOf { using type = T; };
+template <> struct StorageOf<c10::Half> { using type = Fp16; };
+template <> struct StorageOf<c10::BFloat16> { using type = Bf16; };
+
+inline at::MemoryFormat layout_of(const Config& g) {
+  return g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// The output as torch.empty_like(u) lays it out, and the dense buffer the kernels write: the output
+// itself when it is dense in the kernel layout, else a temporary copied into it afterwards.
+struct Output {
+  at::Tensor out, buf;
+  Output(const at::Tensor& u, at::MemoryFormat mf) : out(at::empty_like(u)) {
+    buf = out.is_contiguous(mf) ? out : at::empty(u.sizes(), u.options().memory_format(mf));
+  }
+  void finish() { if (!buf.is_same(out)) out.copy_(buf); }
+};
+
+inline std::vector<double> to_doubles(const at::Tensor& t) {
+  std::vector<double> v(t.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "cmpe_se_read", [&] {
+    auto a = t.accessor<scalar_t, 1>();
+    for (int64_t i = 0; i < t.numel(); ++i) v[i] = static_cast<double>(a[i]);
+  });
+  return v;
+}
+
+// mq[k]: the batch mean of tap k of the pair view = mean over positions of the batch-mean pair map.
+template <class A>
+std::vector<double> patch_mean(const PairView& pv, const A* pu, const A* px, int64_t N, int64_t C) {
+  std::vector<double> pm(2 * C, 0.0), mq(pv.K, 0.0);
+  if (N == 0) return mq;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      pm[2 * c] += pu[n * C + c];
+      pm[2 * c + 1] += px[n * C + c];
+    }
+  for (int64_t k = 0; k < pv.K; ++k) {
+    double s = 0.0;
+    for (int64_t d = 0; d < pv.D; ++d) {
+      const int32_t i = pv.idx[k * pv.D + d];
+      if (i >= 0) s += pm[i];
+    }
+    mq[k] = s / (static_cast<double>(N) * pv.D);
+  }
+  return mq;
+}
+
+// BN in evaluation form: the e normalised filters collapse to v = w . (q - mq) + b, with
+// w = (1/e) sum_i gamma_i invstd_i w_i and b = (1/e) sum_i (beta_i + gamma_i invstd_i (w_i . mq - mu_i)).
+struct PairFilters {
+  int64_t e = 0, K = 0;
+  std::vector<double> w, gamma, beta, mu, invstd;  // w: [e][K]
+  std::vector<double> t;                           // t_i = w_i . mq - mu_i
+  std::vector<double> w_eff;                       // [K]
+  double b_eff = 0.0;
+
+  void collapse(const std::vector<double>& mq) {
+    t.assign(e, 0.0);
+    w_eff.assign(K, 0.0);
+    b_eff = 0.0;
+    for (int64_t i = 0; i < e; ++i) {
+      double wm = 0.0;
+      for (int64_t k = 0; k < K; ++k) wm += w[i * K + k] * mq[k];
+      t[i] = wm - mu[i];
+      const double gs = gamma[i] * invstd[i];
+      for (int64_t k = 0; k < K; ++k) w_eff[k] += gs * w[i * K + k] / e;
+      b_eff += (beta[i] + gs * t[i]) / e;
+    }
+  }
+};
+
+inline PairFilters load_filters(const at::Tensor& pair_w, const at::Tensor& bn_w, const at::Tensor& bn_b) {
+  PairFilters f;
+  f.e = pair_w.size(0);
+  f.K = pair_w.numel() / f.e;
+  f.w = to_doubles(pair_w.reshape({-1}));
+  f.gamma = to_doubles(bn_w);
+  f.beta = to_doubles(bn_b);
+  return f;
+}
+
+template <class A> std::vector<A> cast_vec(const std::vector<double>& v) { return std::vector<A>(v.begin(), v.end()); }
+
+}  // namespace cpu
+}  // namespace cmpe_se

@@ -1,0 +1,221 @@
+// cmpe_se::forward on CPU: squeeze, excite, rescale, fused per sample.
+//
+// Evaluation mode and the modes without BN (se, double_fc) need nothing from other samples, so each
+// sample is squeezed, excited and rescaled in one go: its second read of U and X hits the cache.
+// Training-mode pair views need the batch statistics of BN first (the only cross-sample
+// dependency): squeeze every sample, then a small phase over the N x map data (patch moments ->
+// mu_i, var_i of every filter), then excite + rescale every sample.
+#include "cpu/common.h"
+#include "cpu/cpu_ops.h"
+
+namespace cmpe_se {
+namespace cpu {
+namespace {
+
+struct FwdArgs {
+  Config g;
+  at::Tensor uc, xc, y;           // dense in the kernel layout
+  at::Tensor fc1, fc1_id, W2T;    // contiguous, acc; W2T = fc2_weight^T [R, C]
+  PairView pv;
+  PairFilters filt;
+  at::Tensor running_mean, running_var;
+  bool training = false;
+  double momentum = 0.1, eps = 1e-5;
+  at::Tensor pool_u, pool_x, gate, hidden, bn_mean, bn_invstd;
+};
+
+// Training-mode BN statistics from the centred patch moments (mu_i = w_i . mq, var_i = w_i' Cov w_i),
+// saved in acc; the running statistics are updated exactly like nn.BatchNorm2d.
+template <class A>
+void batch_statistics(FwdArgs& a, const std::vector<A>& c2, const std::vector<double>& mq) {
+  const int64_t e = a.filt.e, K = a.filt.K, N = a.g.N;
+  const double M = static_cast<double>(N) * a.pv.D;
+  std::vector<double> cov(K * K, 0.0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < K * K; ++j) cov[j] += c2[n * K * K + j];
+  for (auto& v : cov) v /= M;
+  std::vector<double> var(e);
+  a.filt.mu.assign(e, 0.0);
+  a.filt.invstd.assign(e, 0.0);
+  A* mean_out = a.bn_mean.data_ptr<A>();
+  A* invstd_out = a.bn_invstd.data_ptr<A>();
+  for (int64_t i = 0; i < e; ++i) {
+    const double* w = a.filt.w.data() + i * K;
+    double mu = 0.0, v = 0.0;
+    for (int64_t k = 0; k < K; ++k) {
+      mu += w[k] * mq[k];
+      for (int64_t l = 0; l < K; ++l) v += w[k] * cov[k * K + l] * w[l];
+    }
+    var[i] = v > 0.0 ? v : 0.0;
+    mean_out[i] = static_cast<A>(mu);
+    invstd_out[i] = static_cast<A>(1.0 / std::sqrt(var[i] + a.eps));
+    a.filt.mu[i] = mean_out[i];  // normalise with exactly the saved statistics
+    a.filt.invstd[i] = invstd_out[i];
+  }
+  const double mom = a.momentum, unbias = M / (M - 1.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.running_mean.scalar_type(), "cmpe_se_rm", [&] {
+    auto rm = a.running_mean.accessor<scalar_t, 1>();
+    for (int64_t i = 0; i < e; ++i)
+      rm[i] = static_cast<scalar_t>((1.0 - mom) * static_cast<double>(rm[i]) + mom * a.filt.mu[i]);
+  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.running_var.scalar_type(), "cmpe_se_rv", [&] {
+    auto rv = a.running_var.accessor<scalar_t, 1>();
+    for (int64_t i = 0; i < e; ++i)
+      rv[i] = static_cast<scalar_t>((1.0 - mom) * static_cast<double>(rv[i]) + mom * var[i] * unbias);
+  });
+}
+
+// Evaluation-mode BN: the running statistics, in acc as the reference uses them.
+template <class A>
+void running_statistics(FwdArgs& a) {
+  const int64_t e = a.filt.e;
+  const std::vector<double> rm = to_doubles(a.running_mean), rv = to_doubles(a.running_var);
+  A* mean_out = a.bn_mean.data_ptr<A>();
+  A* invstd_out = a.bn_invstd.data_ptr<A>();
+  a.filt.mu.assign(e, 0.0);
+  a.filt.invstd.assign(e, 0.0);
+  for (int64_t i = 0; i < e; ++i) {
+    mean_out[i] = static_cast<A>(rm[i]);
+    invstd_out[i] = A(1) / std::sqrt(static_cast<A>(rv[i]) + static_cast<A>(a.eps));
+    a.filt.mu[i] = mean_out[i];
+    a.filt.invstd[i] = invstd_out[i];
+  }
+}
+
+template <class S>
+void run(FwdArgs& a) {
+  using A = typename AccOf<S>::type;
+  const Config& g = a.g;
+  const StreamKernels<S>& sk = stream_kernels<S>();
+  const SmallKernels<A>& mk = small_kernels<A>();
+  const int64_t N = g.N, C = g.C, P = g.P, CP = C * P, R = g.R, r = g.r;
+  const bool cl = g.channels_last, pair = is_pair(g.mode);
+  const S* u = static_cast<const S*>(a.uc.data_ptr());
+  const S* x = static_cast<const S*>(a.xc.data_ptr());
+  S* y = static_cast<S*>(a.y.data_ptr());
+  A* pu = a.pool_u.data_ptr<A>();
+  A* px = a.pool_x.data_ptr<A>();
+  A* gt = a.gate.data_ptr<A>();
+  A* hid = a.hidden.data_ptr<A>();
+  const A* W1 = a.fc1.data_ptr<A>();
+  const A* W1i = g.mode == Mode::kDoubleFC ? a.fc1_id.data_ptr<A>() : nullptr;
+  const A* W2T = a.W2T.data_ptr<A>();
+  const int64_t K = a.pv.K, D = a.pv.D;
+  const int32_t* idx = a.pv.idx.data();
+  std::vector<A> w_eff;
+  A b_eff = A(0);
+
+  auto excite = [&](int64_t n, const A* qc, A* z) {
+    A* h = hid + n * R;
+    if (g.mode == Mode::kDoubleFC) {
+      mk.gemv_relu(W1, pu + n * C, r, C, h);
+      mk.gemv_relu(W1i, px + n * C, r, C, h + r);
+    } else if (!pair) {
+      mk.gemv_relu(W1, pu + n * C, r, C, h);
+    } else {
+      mk.patch_combine(qc, w_eff.data(), b_eff, K, D, z);
+      mk.gemv_relu(W1, z, r, D, h);
+    }
+    mk.excite_gate(W2T, h, R, C, gt + n * C);
+  };
+
+  if (pair && a.training) {
+    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      std::vector<A> scratch(2 * C);
+      for (int64_t n = n0; n < n1; ++n) sk.squeeze(u + n * CP, x + n * CP, C, P, cl, pu + n * C, px + n * C, scratch.data());
+    });
+    const std::vector<double> mq = patch_mean(a.pv, pu, px, N, C);
+    const std::vector<A> mqA = cast_vec<A>(mq);
+    std::vector<A> Qc(N * K * D), c2(N * K * K);
+    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        mk.gather_patches(pu + n * C, px + n * C, idx, mqA.data(), K, D, Qc.data() + n * K * D);
+        mk.patch_moments(Qc.data() + n * K * D, K, D, c2.data() + n * K * K);
+      }
+    });
+    batch_statistics<A>(a, c2, mq);
+    a.filt.collapse(mq);
+    w_eff = cast_vec<A>(a.filt.w_eff);
+    b_eff = static_cast<A>(a.filt.b_eff);
+    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      std::vector<A> z(D);
+      for (int64_t n = n0; n < n1; ++n) {
+        excite(n, Qc.data() + n * K * D, z.data());
+        sk.rescale(u + n * CP, x + n * CP, gt + n * C, y + n * CP, C, P, cl);
+      }
+    });
+    return;
+  }
+
+  const std::vector<A> zeros(K, A(0));
+  if (pair) {
+    running_statistics<A>(a);
+    a.filt.collapse(std::vector<double>(K, 0.0));
+    w_eff = cast_vec<A>(a.filt.w_eff);
+    b_eff = static_cast<A>(a.filt.b_eff);
+  }
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<A> scratch(2 * C), qc(K * D), z(D);
+    for (int64_t n = n0; n < n1; ++n) {
+      sk.squeeze(u + n * CP, x + n * CP, C, P, cl, pu + n * C, px + n * C, scratch.data());
+      if (pair) mk.gather_patches(pu + n * C, px + n * C, idx, zeros.data(), K, D, qc.data());
+      excite(n, qc.data(), z.data());
+      sk.rescale(u + n * CP, x + n * CP, gt + n * C, y + n * CP, C, P, cl);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward(
+    const Tensor& u, const Tensor& x, const Tensor& fc1_weight, const OptTensor& fc1_identity_weight,
+    const Tensor& fc2_weight, const OptTensor& pair_weight, const OptTensor& bn_weight, const OptTensor& bn_bias,
+    Tensor& running_mean, Tensor& running_var, std::string_view mode, bool training, double momentum, double eps,
+    int64_t fold_width, int64_t padding) {
+  const char* op = "cmpe_se::forward";
+  FwdArgs a;
+  a.g = check_activations(op, "u", u, "x", x);
+  Config& g = a.g;
+  g.mode = parse_mode(op, mode);
+  check_weights(op, g, mode, fc1_weight, fc1_identity_weight, fc2_weight, pair_weight, bn_weight, bn_bias,
+                fold_width, padding);
+  const bool pair = is_pair(g.mode);
+  if (pair) {
+    check_running(op, "running_mean", running_mean, g);
+    check_running(op, "running_var", running_var, g);
+    TORCH_CHECK(!training || g.N * g.Dz > 1, op, ": pair_bn: expected more than 1 value per filter in training mode,"
+                " got ", g.N * g.Dz, " (batch ", g.N, " x ", g.Dz, " map positions)");
+  }
+
+  const at::MemoryFormat mf = layout_of(g);
+  a.uc = u.contiguous(mf);
+  a.xc = x.contiguous(mf);
+  Output y(u, mf);
+  a.y = y.buf;
+  const auto opts = u.options().dtype(g.acc).memory_format(at::MemoryFormat::Contiguous);
+  a.pool_u = at::empty({g.N, g.C}, opts);
+  a.pool_x = at::empty({g.N, g.C}, opts);
+  a.gate = at::empty({g.N, g.C}, opts);
+  a.hidden = at::empty({g.N, g.R}, opts);
+  a.bn_mean = at::empty({pair ? g.e : 0}, opts);
+  a.bn_invstd = at::empty({pair ? g.e : 0}, opts);
+  a.fc1 = fc1_weight.contiguous();
+  if (g.mode == Mode::kDoubleFC) a.fc1_id = fc1_identity_weight->contiguous();
+  a.W2T = fc2_weight.t().contiguous();
+  if (pair) {
+    a.pv = make_pair_view(g.mode, g.C, g.fold, g.pad);
+    a.filt = load_filters(*pair_weight, *bn_weight, *bn_bias);
+    a.running_mean = running_mean;
+    a.running_var = running_var;
+  }
+  a.training = training;
+  a.momentum = momentum;
+  a.eps = eps;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "cmpe_se_forward_cpu",
+                                  [&] { run<typename StorageOf<scalar_t>::type>(a); });
+  y.finish();
+  return {y.out, a.pool_u, a.pool_x, a.gate, a.hidden, a.bn_mean, a.bn_invstd};
+}
+
+}  // namespace cpu
+}  // namespace cmpe_se

@@ -1,0 +1,141 @@
+// Streaming passes over the full-size tensors of one sample (included by kernels_impl.h inside the
+// per-ISA namespace; see there). NCHW rows are reduced with four vector accumulators; channels_last
+// pixels are accumulated column-wise into an L1-resident array of C sums.
+
+template <class S>
+struct Stream {
+  using IOS = IO<S>;
+  using A = typename IOS::A;
+  using V = typename IOS::V;
+  static constexpr int L = IOS::L;
+
+  // sum_p a[p] (and sum_p a[p]*b[p] when B is true) over one contiguous row
+  template <bool B>
+  static CMPE_INL A row_sum(const S* a, const S* b, int64_t n) {
+    V s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    int64_t i = 0;
+    for (; i + 4 * L <= n; i += 4 * L) {
+      if (B) {
+        s0 += IOS::load(a + i) * IOS::load(b + i);
+        s1 += IOS::load(a + i + L) * IOS::load(b + i + L);
+        s2 += IOS::load(a + i + 2 * L) * IOS::load(b + i + 2 * L);
+        s3 += IOS::load(a + i + 3 * L) * IOS::load(b + i + 3 * L);
+      } else {
+        s0 += IOS::load(a + i);
+        s1 += IOS::load(a + i + L);
+        s2 += IOS::load(a + i + 2 * L);
+        s3 += IOS::load(a + i + 3 * L);
+      }
+    }
+    for (; i + L <= n; i += L) s0 += B ? IOS::load(a + i) * IOS::load(b + i) : IOS::load(a + i);
+    A s = hsum((s0 + s1) + (s2 + s3));
+    for (; i < n; ++i) s += B ? IOS::load1(a + i) * IOS::load1(b + i) : IOS::load1(a + i);
+    return s;
+  }
+
+  // acc[c] += a[c] (or a[c]*b[c]) over one pixel row of C channels
+  template <bool B>
+  static CMPE_INL void col_acc(A* acc, const S* a, const S* b, int64_t C) {
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      V v = B ? IOS::load(a + c) * IOS::load(b + c) : IOS::load(a + c);
+      vstore(acc + c, vload<V>(acc + c) + v);
+    }
+    for (; c < C; ++c) acc[c] += B ? IOS::load1(a + c) * IOS::load1(b + c) : IOS::load1(a + c);
+  }
+
+  // out[c] = sum_p a[c,p] (* b[c,p]) for a [P][C] block, in pixel blocks of kRowBlock
+  template <bool B>
+  static void cl_reduce(const S* a, const S* b, int64_t C, int64_t P, A* out, A* tmp) {
+    for (int64_t c = 0; c < C; ++c) out[c] = A(0);
+    for (int64_t p0 = 0; p0 < P; p0 += kRowBlock) {
+      const int64_t p1 = p0 + kRowBlock < P ? p0 + kRowBlock : P;
+      for (int64_t c = 0; c < C; ++c) tmp[c] = A(0);
+      for (int64_t p = p0; p < p1; ++p) col_acc<B>(tmp, a + p * C, B ? b + p * C : nullptr, C);
+      for (int64_t c = 0; c < C; ++c) out[c] += tmp[c];
+    }
+  }
+
+  static void squeeze(const S* u, const S* x, int64_t C, int64_t P, bool cl, A* pool_u, A* pool_x, A* scratch) {
+    const A inv = A(1) / A(P);
+    if (cl || P == 1) {
+      cl_reduce<false>(u, nullptr, C, P, pool_u, scratch);
+      cl_reduce<false>(x, nullptr, C, P, pool_x, scratch);
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        pool_u[c] = row_sum<false>(u + c * P, nullptr, P);
+        pool_x[c] = row_sum<false>(x + c * P, nullptr, P);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      pool_u[c] *= inv;
+      pool_x[c] *= inv;
+    }
+  }
+
+  static void grad_reduce(const S* dy, const S* u, int64_t C, int64_t P, bool cl, A* G, A* scratch) {
+    if (cl || P == 1) {
+      cl_reduce<true>(dy, u, C, P, G, scratch);
+    } else {
+      for (int64_t c = 0; c < C; ++c) G[c] = row_sum<true>(dy + c * P, u + c * P, P);
+    }
+  }
+
+  static void rescale(const S* u, const S* x, const A* gate, S* y, int64_t C, int64_t P, bool cl) {
+    if (cl || P == 1) {
+      for (int64_t p = 0; p < P; ++p) {
+        const S* up = u + p * C; const S* xp = x + p * C; S* yp = y + p * C;
+        int64_t c = 0;
+        for (; c + L <= C; c += L)
+          IOS::store(yp + c, vload<V>(gate + c) * IOS::load(up + c) + IOS::load(xp + c));
+        for (; c < C; ++c) IOS::store1(yp + c, gate[c] * IOS::load1(up + c) + IOS::load1(xp + c));
+      }
+      return;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const S* up = u + c * P; const S* xp = x + c * P; S* yp = y + c * P;
+      const A g = gate[c];
+      const V gv = V{} + g;
+      int64_t p = 0;
+      for (; p + L <= P; p += L) IOS::store(yp + p, gv * IOS::load(up + p) + IOS::load(xp + p));
+      for (; p < P; ++p) IOS::store1(yp + p, g * IOS::load1(up + p) + IOS::load1(xp + p));
+    }
+  }
+
+  static void grad_write(const S* dy, const A* gate, const A* bias_u, const A* bias_x, S* du, S* dx, int64_t C,
+                         int64_t P, bool cl) {
+    if (cl || P == 1) {
+      for (int64_t p = 0; p < P; ++p) {
+        const S* dyp = dy + p * C; S* dup = du + p * C; S* dxp = dx + p * C;
+        int64_t c = 0;
+        for (; c + L <= C; c += L) {
+          const V d = IOS::load(dyp + c);
+          IOS::store(dup + c, vload<V>(gate + c) * d + vload<V>(bias_u + c));
+          IOS::store(dxp + c, d + vload<V>(bias_x + c));
+        }
+        for (; c < C; ++c) {
+          const A d = IOS::load1(dyp + c);
+          IOS::store1(dup + c, gate[c] * d + bias_u[c]);
+          IOS::store1(dxp + c, d + bias_x[c]);
+        }
+      }
+      return;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const S* dyp = dy + c * P; S* dup = du + c * P; S* dxp = dx + c * P;
+      const A g = gate[c], bu = bias_u[c], bx = bias_x[c];
+      const V gv = V{} + g, buv = V{} + bu, bxv = V{} + bx;
+      int64_t p = 0;
+      for (; p + L <= P; p += L) {
+        const V d = IOS::load(dyp + p);
+        IOS::store(dup + p, gv * d + buv);
+        IOS::store(dxp + p, d + bxv);
+      }
+      for (; p < P; ++p) {
+        const A d = IOS::load1(dyp + p);
+        IOS::store1(dup + p, g * d + bu);
+        IOS::store1(dxp + p, d + bx);
+      }
+    }
+  }
+};

@@ -1,0 +1,36 @@
+// The op schemas of cmpe_se (docs/ARCHITECTURE.md; the strings here and FORWARD_SCHEMA /
+// BACKWARD_SCHEMA in cmpe_se_fused/ops.py must stay identical: unnamed returns, as there), the CPU registrations, and the stub module so that `import cmpe_se_fused._C`
+// loads this library (and runs the registrations), as in pytorch/extension-cpp.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/cpu_ops.h"
+
+extern "C" {
+// No Python functions: the ops are reached through torch.ops.cmpe_se.*.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(cmpe_se, m) {
+  m.def(
+      "forward(Tensor u, Tensor x, Tensor fc1_weight, Tensor? fc1_identity_weight, Tensor fc2_weight, "
+      "Tensor? pair_weight, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "str mode, bool training, float momentum, float eps, int fold_width, int padding) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "backward(Tensor grad_y, Tensor u, Tensor pool_u, Tensor pool_x, Tensor gate, Tensor hidden, "
+      "Tensor bn_mean, Tensor bn_invstd, "
+      "Tensor fc1_weight, Tensor? fc1_identity_weight, Tensor fc2_weight, "
+      "Tensor? pair_weight, Tensor? bn_weight, Tensor? bn_bias, "
+      "str mode, bool training, int fold_width, int padding) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(cmpe_se, CPU, m) {
+  m.impl("forward", &cmpe_se::cpu::forward);
+  m.impl("backward", &cmpe_se::cpu::backward);
+}
