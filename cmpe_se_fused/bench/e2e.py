@@ -1,0 +1,119 @@
+"""End-to-end rows: one training step (forward, cross-entropy, backward, SGD step) of
+CMPE-SE-WRN-16-8 and CMPE-SE-ResNet-164 (CIFAR-100 heads, 32x32 inputs) with the CMPE-SE layers on
+each provider, beside the plain network (``se_mode=None``, provider ``plain``).
+
+The layer's share of a real step is what users feel: ``overhead_vs_plain`` is
+``step time / plain step time - 1`` (the cost of adding CMPE-SE to the network).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..models import preact_resnet, wide_resnet
+from .config import DTYPES
+from .providers import provider_reasons
+from .timing import peak_memory_mb
+
+NETS = {"wrn16-8": lambda **kw: wide_resnet(16, 8, num_classes=100, **kw),
+        "resnet164": lambda **kw: preact_resnet(164, num_classes=100, **kw)}
+
+
+def e2e_row(net, batch, se_mode, dtype, layout, provider) -> dict:
+    return {"kind": "e2e", "net": net, "N": batch, "se_mode": se_mode or "plain", "dtype": dtype, "layout": layout,
+            "provider": provider, "status": "skipped", "reason": None, "median_us": None, "reps": None,
+            "iqr_us": None, "images_per_s": None, "overhead_vs_plain": None, "speedup_vs_eager": None,
+            "peak_mem_mb": None, "mem_vs_eager": None}
+
+
+def _build(net, se_mode, provider, device, layout, state=None):
+    kwargs = {} if se_mode is None else {"se_mode": se_mode, "backend": "reference" if provider == "eager" else provider}
+    torch.manual_seed(0)
+    model = NETS[net](**kwargs)
+    if state is not None:
+        model.load_state_dict(state)
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    return model.to(device=device, memory_format=fmt).train()
+
+
+def _step_fn(model, data, target, dtype, device):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    amp = DTYPES[dtype] if dtype != "fp32" else None
+
+    def step(_i=0):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = F.cross_entropy(model(data), target)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def _time_steps(step, device, warmup, reps):
+    for _ in range(warmup):
+        step()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for s, e in evs:
+            s.record()
+            step()
+            e.record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) * 1e3 for s, e in evs]
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times), reps
+
+
+def run_e2e(nets, se_modes, dtypes, layouts, providers, device, batch, on_row, should_skip=None):
+    """Yield-free driver: calls ``on_row(row)`` for every (net, se_mode, dtype, layout, provider)
+    plus the plain network. ``should_skip()`` returns a reason to stop early (time budget)."""
+    warmup, reps = (3, 10) if device.type == "cuda" else (1, 3)
+    for net in nets:
+        for dtype in dtypes:
+            for layout in layouts:
+                sample = torch.empty(1, 16, 1, 1, device=device, dtype=DTYPES[dtype])
+                configs = [(None, "plain")] + [(m, p) for m in se_modes for p in providers]
+                states = {}
+                for se_mode, provider in configs:
+                    row = e2e_row(net, batch, se_mode, dtype, layout, provider)
+                    reasons = [] if provider == "plain" else provider_reasons(provider, sample)
+                    why = should_skip() if should_skip else None
+                    if reasons or why:
+                        row["reason"] = why or "; ".join(reasons)
+                        on_row(row)
+                        continue
+                    try:
+                        model = _build(net, se_mode, provider, device, layout, states.get(se_mode))
+                        states.setdefault(se_mode, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+                        fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+                        data = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+                        target = torch.randint(0, 100, (batch,), device=device)
+                        step = _step_fn(model, data, target, dtype, device)
+                        step()  # optimizer state allocated before the memory baseline
+                        row["peak_mem_mb"] = peak_memory_mb(step, device)
+                        t, n = _time_steps(step, device, warmup, reps)
+                        row.update(status="ok", median_us=float(t), reps=n, images_per_s=batch / (t * 1e-6))
+                    except Exception as exc:  # noqa: BLE001 - one broken config must not end the run
+                        row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+                    finally:
+                        model = step = data = target = None  # noqa: F841 - free before the next build
+                    on_row(row)
+
+
+def derive_e2e(rows: list[dict]):
+    """``overhead_vs_plain`` for every ok e2e row."""
+    plain = {(r["net"], r["N"], r["dtype"], r["layout"]): r["median_us"] for r in rows
+             if r["kind"] == "e2e" and r["provider"] == "plain" and r["status"] == "ok"}
+    for r in rows:
+        if r["kind"] == "e2e" and r["status"] == "ok" and r["provider"] != "plain":
+            p = plain.get((r["net"], r["N"], r["dtype"], r["layout"]))
+            r["overhead_vs_plain"] = r["median_us"] / p - 1 if p else None

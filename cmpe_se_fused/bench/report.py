@@ -1,0 +1,256 @@
+"""Output: ``bench.json`` (every row + where it came from), ``bench.md``, a console table (rich if
+installed, else plain text) and ``bench.png`` (matplotlib if installed).
+
+Tables pivot the layer rows: one line per (shape, mode, dtype, layout, phase, pass), one column per
+provider holding ``time  speedup-vs-eager  fraction-of-floor``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from .metrics import BASELINE, FLOOR_T, geomean, median
+
+SCHEMA_VERSION = "cmpe_se_fused.bench/1"
+
+
+def fmt_us(us) -> str:
+    if us is None:
+        return "-"
+    if us >= 1e5:
+        return f"{us / 1e3:.0f}ms"
+    if us >= 1e4:
+        return f"{us / 1e3:.1f}ms"
+    return f"{us:.3g}us" if us < 100 else f"{us:.0f}us"
+
+
+def fmt_x(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def fmt_pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def providers_of(rows, kind="layer") -> list[str]:
+    seen = []
+    for r in rows:
+        if r["kind"] == kind and r["provider"] not in seen:
+            seen.append(r["provider"])
+    return sorted(seen, key=lambda p: (p != BASELINE, p != "plain", not p.startswith("compile"), p))
+
+
+def _cell(r) -> str:
+    if r is None:
+        return ""
+    if r["status"] != "ok":
+        return "skip" if r["status"] == "skipped" else "ERROR"
+    parts = [fmt_us(r["median_us"])]
+    if r["provider"] != BASELINE:
+        parts.append(fmt_x(r["speedup_vs_eager"]))
+    parts.append(fmt_pct(r.get("frac_floor")))
+    if r.get("err_vs_eager") is not None and r.get("check") == "MISMATCH":
+        parts.append("MISMATCH")
+    return " ".join(parts)
+
+
+def layer_table(rows) -> tuple[list[str], list[list[str]]]:
+    """Header and lines of the pivoted layer table."""
+    layer = [r for r in rows if r["kind"] == "layer"]
+    provs = [p for p in providers_of(layer) if any(r["provider"] == p and r["status"] == "ok" for r in layer)]
+    groups: dict[tuple, dict] = {}
+    for r in layer:
+        g = (f"{r['net']}/{r['stage']}", f"{r['N']}x{r['C']}x{r['H']}x{r['W']}", r["mode"], r["dtype"], r["layout"],
+             r["phase"], r["pass"])
+        groups.setdefault(g, {"floor": r["floor_us"]})[r["provider"]] = r
+    header = ["shape", "NxCxHxW", "mode", "dtype", "layout", "phase", "pass", "floor"] + provs
+    lines = []
+    for g, cells in groups.items():
+        if not any(isinstance(c, dict) and c.get("status") == "ok" for c in cells.values()):
+            continue
+        lines.append(list(g) + [fmt_us(cells["floor"])] + [_cell(cells.get(p)) for p in provs])
+    return header, lines
+
+
+def e2e_table(rows) -> tuple[list[str], list[list[str]]]:
+    header = ["net", "N", "se_mode", "dtype", "layout", "provider", "step", "img/s", "vs plain", "vs eager", "peak MB"]
+    lines = []
+    for r in rows:
+        if r["kind"] != "e2e" or r["status"] == "skipped":
+            continue
+        ok = r["status"] == "ok"
+        lines.append([r["net"], str(r["N"]), r["se_mode"], r["dtype"], r["layout"], r["provider"],
+                      fmt_us(r["median_us"]) if ok else "ERROR",
+                      f"{r['images_per_s']:.0f}" if ok else "-",
+                      "-" if r.get("overhead_vs_plain") is None else f"{100 * r['overhead_vs_plain']:+.1f}%",
+                      fmt_x(r.get("speedup_vs_eager")),
+                      "-" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"])
+    return header, lines
+
+
+def summary_table(rows) -> tuple[list[str], list[list[str]]]:
+    """Per provider and pass: geomean speedups, median fraction of floor, rows measured."""
+    header = ["provider", "pass", "rows", "geomean vs eager", "geomean vs compile", "median % floor",
+              "best % floor", "median mem vs eager"]
+    layer = [r for r in rows if r["kind"] == "layer" and r["status"] == "ok"]
+    lines = []
+    for p in providers_of(layer):
+        for ps in FLOOR_T:
+            sel = [r for r in layer if r["provider"] == p and r["pass"] == ps]
+            if not sel:
+                continue
+            fr = [r["frac_floor"] for r in sel if r["frac_floor"] is not None]
+            lines.append([p, ps, str(len(sel)), fmt_x(geomean(r["speedup_vs_eager"] for r in sel)),
+                          fmt_x(geomean(r["speedup_vs_compile"] for r in sel)), fmt_pct(median(fr)),
+                          fmt_pct(max(fr) if fr else None),
+                          fmt_x(median(r["mem_vs_eager"] for r in sel))])
+    return header, lines
+
+
+def skipped_lines(rows) -> list[str]:
+    """One line per distinct (provider, reason) of skipped or failed rows, with a count."""
+    counts: dict[tuple, int] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            k = (r["kind"], r["provider"], r["status"], r.get("reason") or "")
+            counts[k] = counts.get(k, 0) + 1
+    return [f"{kind} {prov} {status} x{n}: {reason}" for (kind, prov, status, reason), n in sorted(counts.items())]
+
+
+def markdown_table(header, lines) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(c.replace("|", "/") for c in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def _header_text(result) -> list[str]:
+    m = result["meta"]
+    dev, ver, git, bw = m["device"], m["versions"], m["git"], m["copy_bandwidth"]
+    return [f"device: {dev['name']} ({dev['type']})",
+            f"torch {ver['torch']}, triton {ver['triton']}, CUDA {ver['cuda']}, python {ver['python']}",
+            f"commit {git['short']}{' (dirty)' if git.get('dirty') else ''}, kernel hash "
+            f"{(m['kernel_hash'] or 'n/a')[:16]}",
+            f"preset {m['preset']}, copy bandwidth {bw['GBps']:.1f} GB/s ({bw['method']}, "
+            f"{bw['bytes'] >> 20} MiB), run took {m.get('duration_s', 0):.0f} s"]
+
+
+def write_markdown(result, path):
+    parts = ["# cmpe_se_fused benchmark", "", *[f"- {t}" for t in _header_text(result)], "",
+             "Cells: median time, speedup over eager (same run), fraction of the bandwidth floor "
+             "(fwd 3T, bwd 4T, fwd+bwd 7T at the measured copy bandwidth). `floor` is that time.", ""]
+    h, lines = summary_table(result["rows"])
+    if lines:
+        parts += ["## Summary", "", markdown_table(h, lines), ""]
+    h, lines = layer_table(result["rows"])
+    parts += ["## Layer", "", markdown_table(h, lines), ""]
+    h, lines = e2e_table(result["rows"])
+    if lines:
+        parts += ["## End to end (one SGD training step)", "", markdown_table(h, lines), ""]
+    cmp_ = result.get("compare")
+    if cmp_:
+        parts += compare_lines(cmp_, md=True) + [""]
+    skipped = skipped_lines(result["rows"])
+    if skipped:
+        parts += ["## Skipped and failed", "", *[f"- {s}" for s in skipped], ""]
+    if result.get("notes"):
+        parts += ["## Notes", "", *[f"- {n}" for n in result["notes"]], ""]
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+
+
+def compare_lines(cmp_, md=False, limit=40) -> list[str]:
+    head = (f"compare vs {cmp_.get('old_file')}: {cmp_['matched']} rows matched, "
+            f"{len(cmp_['regressions'])} regressions (> {100 * cmp_['threshold']:.0f}% slower), "
+            f"{len(cmp_['improvements'])} improvements")
+    out = (["## Compare", "", head, ""] if md else [head])
+    for item in cmp_["regressions"][:limit]:
+        out.append(f"{'- ' if md else '  '}REGRESSION {item['key']}: {fmt_us(item['old_us'])} -> "
+                   f"{fmt_us(item['new_us'])} ({item['ratio']:.2f}x)")
+    return out
+
+
+def write_json(result, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def print_console(result, file=None):
+    """The tables on the console: rich if installed, plain text otherwise."""
+    tables = [("Summary", summary_table(result["rows"])), ("Layer", layer_table(result["rows"])),
+              ("End to end", e2e_table(result["rows"]))]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        Console = None
+    if Console is not None:
+        console = Console(file=file, width=max(160, Console().width))
+        for line in _header_text(result):
+            console.print(line, highlight=False)
+        for title, (h, lines) in tables:
+            if not lines:
+                continue
+            t = Table(title=title, show_lines=False, header_style="bold")
+            for c in h:
+                t.add_column(c, justify="right" if c not in ("shape", "mode", "provider", "net") else "left")
+            for line in lines:
+                t.add_row(*line)
+            console.print(t)
+    else:
+        for line in _header_text(result):
+            print(line, file=file)
+        for title, (h, lines) in tables:
+            if lines:
+                print(f"\n{title}", file=file)
+                print(plain_table(h, lines), file=file)
+    for line in ([*compare_lines(result["compare"])] if result.get("compare") else []) + \
+            [f"skipped: {s}" for s in skipped_lines(result["rows"])]:
+        print(line, file=file)
+
+
+def plain_table(header, lines) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
+    fmt = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
+
+
+def write_plot(result, path) -> str | None:
+    """Per shape: geomean speedup over eager and median fraction of floor, one bar per provider.
+    Returns a note when it cannot plot."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed"
+    layer = [r for r in result["rows"] if r["kind"] == "layer" and r["status"] == "ok"]
+    if not layer:
+        return "no plot: no layer rows"
+    shapes = list(dict.fromkeys(f"{r['net']}/{r['stage']}\n{r['N']}x{r['C']}x{r['H']}x{r['W']}" for r in layer))
+    provs = providers_of(layer)
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.6 * len(shapes) * max(1, len(provs)) / 3), 7), sharex=True)
+    width = 0.8 / len(provs)
+    for k, p in enumerate(provs):
+        spd, frac = [], []
+        for s in shapes:
+            sel = [r for r in layer if r["provider"] == p and
+                   f"{r['net']}/{r['stage']}\n{r['N']}x{r['C']}x{r['H']}x{r['W']}" == s]
+            spd.append(geomean(r["speedup_vs_eager"] for r in sel) or 0)
+            frac.append(median(r["frac_floor"] for r in sel) or 0)
+        xs = [i + (k - (len(provs) - 1) / 2) * width for i in range(len(shapes))]
+        axes[0].bar(xs, spd, width, label=p)
+        axes[1].bar(xs, frac, width, label=p)
+    axes[0].axhline(1.0, color="gray", lw=0.8)
+    axes[0].set_ylabel("speedup over eager\n(geomean over modes, dtypes, passes)")
+    axes[1].set_ylabel("fraction of bandwidth floor\n(median)")
+    axes[1].set_xticks(range(len(shapes)), shapes, fontsize=8)
+    axes[0].legend(fontsize=8, ncol=min(len(provs), 6))
+    m = result["meta"]
+    axes[0].set_title(f"cmpe_se_fused on {m['device']['name']} (copy {m['copy_bandwidth']['GBps']:.0f} GB/s, "
+                      f"commit {m['git']['short']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

@@ -1,0 +1,280 @@
+"""The run: copy bandwidth first, then phases in priority order, each case timed for every pass.
+
+Phases: ``core`` (eager and the package's backends), ``e2e`` (training steps), ``compile``,
+``variants`` (launch-config sweeps), ``compile-max``. With a time budget each phase has a
+deadline (a share of the budget, cumulative): a run cut short still has its most important rows,
+and rows it could not reach are recorded as skipped with the reason. ``bench.json`` is rewritten
+after every case, so even a killed run leaves its rows behind.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import envinfo, metrics, report
+from .config import DTYPES, Case, Preset, limit_reason
+from .e2e import NETS, derive_e2e, run_e2e
+from .providers import (COMPILE_PROVIDERS, TOLERANCE, Inputs, Pass, build, error_vs, launch_context,
+                        provider_reasons, reference_module)
+from .timing import copy_bandwidth, peak_memory_mb, rotation_copies, synchronize, time_cuda_graph, time_fn
+
+PHASE_DEADLINE = {"core": 0.70, "e2e": 0.80, "compile": 0.92, "variants": 0.97, "compile-max": 1.0}
+
+
+@dataclass
+class Options:
+    preset: Preset
+    device: torch.device
+    cases: list
+    passes: tuple
+    providers: tuple
+    out: str
+    e2e: bool = False
+    e2e_modes: tuple = ()
+    e2e_dtypes: tuple = ()
+    e2e_batch: int = 8
+    graphs: bool = True
+    graph_threshold_us: float = 200.0
+    budget_s: float | None = None
+    quick_timing: bool = False
+    plot: bool = True
+    compare: dict | None = None
+    compare_path: str | None = None
+    threshold: float = 0.10
+    compile_all: bool = False
+    argv: list = field(default_factory=list)
+
+
+class Stop(Exception):
+    """SIGTERM (``timeout``) or Ctrl-C: finish the outputs with what was measured."""
+
+
+class Progress:
+    """rich progress bar, else tqdm, else nothing (the phase lines still print)."""
+
+    def __init__(self, total: int):
+        self._rich = self._tqdm = None
+        if not sys.stderr.isatty() or os.environ.get("CMPE_SE_BENCH_NO_PROGRESS"):
+            return
+        try:
+            from rich.progress import Progress as RichProgress
+            self._rich = RichProgress(transient=True)
+            self._task = self._rich.add_task("bench", total=total)
+            self._rich.start()
+        except ImportError:
+            try:
+                from tqdm import tqdm
+                self._tqdm = tqdm(total=total, leave=False)
+            except ImportError:
+                pass
+
+    def advance(self, desc: str):
+        if self._rich is not None:
+            self._rich.update(self._task, advance=1, description=desc[:60])
+        elif self._tqdm is not None:
+            self._tqdm.set_description(desc[:60], refresh=False)
+            self._tqdm.update(1)
+
+    def close(self):
+        if self._rich is not None:
+            self._rich.stop()
+        elif self._tqdm is not None:
+            self._tqdm.close()
+
+
+class Runner:
+    def __init__(self, opts: Options):
+        self.o = opts
+        self.t0 = time.perf_counter()
+        self.rows: list[dict] = []
+        self.notes: list[str] = []
+        self.result: dict = {}
+        self.gbps = 0.0
+
+    # -- budget -----------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def budget_reason(self, phase: str) -> str | None:
+        b = self.o.budget_s
+        if b is None or self.elapsed() < PHASE_DEADLINE[phase] * b:
+            return None
+        return f"time budget: phase {phase} ends at {PHASE_DEADLINE[phase]:.0%} of --budget-s {b:.0f}"
+
+    # -- one case ---------------------------------------------------------------------------
+    def run_case(self, case: Case, providers, phase: str, progress: Progress):
+        o, dev = self.o, self.o.device
+        s = case.shape
+        fmt = torch.channels_last if case.layout == "cl" else torch.contiguous_format
+        sample = torch.empty((s.n, s.c, s.h, s.w), device=dev, dtype=DTYPES[case.dtype], memory_format=fmt)
+        inputs = ref_y = state = None
+        for prov in providers:
+            progress.advance(f"{prov} {s.label} {case.mode} {case.dtype} {case.layout} {case.phase}")
+            rows = {ps: metrics.layer_row(case, ps, prov, self.gbps) for ps in o.passes}
+            self.rows.extend(rows.values())
+            why = None if o.compile_all else limit_reason(o.preset, prov, case)
+            why = why or "; ".join(provider_reasons(prov, sample)) or self.budget_reason(phase)
+            if why:
+                for r in rows.values():
+                    r["reason"] = why
+                continue
+            try:
+                if inputs is None:
+                    state = reference_module(case).state_dict()
+                    inputs = Inputs(case, rotation_copies(3 * sample.numel() * sample.element_size(), dev), dev)
+                    ref_y = self._forward_once("eager", case, state, inputs)
+                self.measure(prov, case, state, inputs, ref_y, rows)
+            except Stop:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a provider that fails is a row, not the end of the run
+                for r in rows.values():
+                    if r["status"] != "ok":
+                        r.update(status="error", reason=_exc_text(exc))
+        del inputs, ref_y, sample
+
+    def _forward_once(self, prov, case, state, inputs):
+        module, _ = build(prov, case, state, self.o.device)
+        with launch_context(prov), torch.set_grad_enabled(case.training):
+            return module(inputs.u[0], inputs.x[0]).detach()
+
+    def measure(self, prov, case, state, inputs, ref_y, rows):
+        o, dev = self.o, self.o.device
+        module, params = build(prov, case, state, dev)
+        with launch_context(prov):
+            with torch.set_grad_enabled(case.training):  # the same graph the fwd pass uses (compile)
+                y = module(inputs.u[0], inputs.x[0])
+            err = None if prov == "eager" else error_vs(y, ref_y)
+            check = None if err is None else ("ok" if err <= TOLERANCE[case.dtype] else "MISMATCH")
+            if check == "MISMATCH":
+                self.notes.append(f"MISMATCH {prov} {case.shape.label} {case.mode} {case.dtype} {case.layout} "
+                                  f"{case.phase}: max error {err:.3g} of max |Y| vs eager")
+            del y
+            for ps, row in rows.items():
+                row.update(err_vs_eager=err, check=check)
+                p = Pass(ps, module, params, inputs, case.training)
+                try:
+                    p.prepare()
+                    t = time_fn(p, inputs.n, dev, quick=o.quick_timing)
+                    row.update(status="ok", median_us=float(t.median_us), reps=int(t.reps),
+                               iqr_us=None if t.iqr_us is None else float(t.iqr_us))
+                    if ps == "fwdbwd":
+                        row["peak_mem_mb"] = peak_memory_mb(p, dev)
+                    p.release()
+                    if dev.type == "cuda" and o.graphs and t.median_us < o.graph_threshold_us:
+                        self._graph(p, inputs, row)
+                except Stop:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    row.update(status="error", reason=_exc_text(exc))
+                finally:
+                    p.release()
+                    synchronize(dev)
+
+    def _graph(self, p: Pass, inputs, row):
+        try:
+            g = time_cuda_graph(p, inputs.n, prepare=p.prepare)
+            row["graph_us"] = float(g.median_us)
+        except Stop:
+            raise
+        except Exception as exc:  # noqa: BLE001 - capture is best effort; the event timing stands
+            row["graph_note"] = f"CUDA-graph capture failed, event timing only: {_exc_text(exc)}"
+
+    # -- the run ----------------------------------------------------------------------------
+    def phases(self):
+        provs = self.o.providers
+        core = tuple(p for p in provs if p not in COMPILE_PROVIDERS and "@" not in p)
+        out = [("core", core)]
+        if self.o.e2e:
+            out.append(("e2e", None))
+        out += [("compile", tuple(p for p in provs if p == "compile")),
+                ("variants", tuple(p for p in provs if "@" in p)),
+                ("compile-max", tuple(p for p in provs if p == "compile-max"))]
+        return [(name, ps) for name, ps in out if ps is None or ps]
+
+    def e2e_providers(self):
+        return tuple(p for p in self.o.providers if p not in COMPILE_PROVIDERS and "@" not in p)
+
+    def run(self) -> dict:
+        o = self.o
+        os.makedirs(o.out, exist_ok=True)
+        meta = envinfo.collect(o.device)
+        meta.update(preset=o.preset.name, argv=o.argv, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    passes=list(o.passes), providers=list(o.providers), budget_s=o.budget_s)
+        self.result = {"schema": report.SCHEMA_VERSION, "meta": meta, "rows": self.rows, "notes": self.notes}
+        if o.device.type == "cpu" and hasattr(os, "getloadavg"):
+            load = os.getloadavg()[0]
+            meta["loadavg"] = round(load, 2)
+            if load > (os.cpu_count() or 1) - 0.5:
+                self.notes.append(f"CPU busy when the run started (load average {load:.1f} on {os.cpu_count()} "
+                                  f"cores): CPU times are inflated, compare ratios only")
+        _log(f"[bench] {meta['device']['name']}: measuring copy bandwidth")
+        meta["copy_bandwidth"] = copy_bandwidth(o.device)
+        self.gbps = meta["copy_bandwidth"]["GBps"]
+        _log(f"[bench] copy bandwidth {self.gbps:.1f} GB/s; {len(o.cases)} cases x {len(o.passes)} passes, "
+             f"providers {', '.join(o.providers)}")
+        plan = self.phases()
+        n_e2e = len(NETS) * len(o.e2e_dtypes) * (1 + len(o.e2e_modes) * len(self.e2e_providers()))
+        progress = Progress(sum(len(o.cases) * len(ps) if ps is not None else n_e2e for _, ps in plan))
+        old_handler = signal.signal(signal.SIGTERM, _raise_stop)
+        try:
+            for name, provs in plan:
+                _log(f"[bench] phase {name} at {self.elapsed():.0f}s")
+                if provs is None:
+                    run_e2e(list(NETS), o.e2e_modes, o.e2e_dtypes, ("nchw",), self.e2e_providers(), o.device,
+                            o.e2e_batch, on_row=lambda r: (self.rows.append(r), progress.advance(
+                                f"e2e {r['net']} {r['se_mode']} {r['provider']}")),
+                            should_skip=lambda: self.budget_reason("e2e"))
+                    continue
+                for case in o.cases:
+                    self.run_case(case, provs, name, progress)
+                    self.write(partial=True)
+        except (Stop, KeyboardInterrupt):
+            self.notes.append(f"run interrupted at {self.elapsed():.0f}s; rows not reached are missing")
+            _log("[bench] interrupted: writing what was measured")
+        finally:
+            progress.close()
+            signal.signal(signal.SIGTERM, old_handler)
+        return self.finish()
+
+    def finish(self) -> dict:
+        metrics.derive(self.rows)
+        derive_e2e(self.rows)
+        if self.o.compare is not None:
+            cmp_ = metrics.compare(self.rows, self.o.compare.get("rows", []), self.o.threshold)
+            cmp_["old_file"] = self.o.compare_path
+            cmp_["old_commit"] = self.o.compare.get("meta", {}).get("git", {}).get("short")
+            self.result["compare"] = cmp_
+        self.write(partial=False)
+        return self.result
+
+    def write(self, partial: bool):
+        o = self.o
+        self.result["meta"]["duration_s"] = round(self.elapsed(), 1)
+        self.result["meta"]["complete"] = not partial
+        if partial:
+            report.write_json(self.result, os.path.join(o.out, "bench.json"))
+            return
+        if o.plot:
+            note = report.write_plot(self.result, os.path.join(o.out, "bench.png"))
+            if note:
+                self.notes.append(note)
+        report.write_json(self.result, os.path.join(o.out, "bench.json"))
+        report.write_markdown(self.result, os.path.join(o.out, "bench.md"))
+
+
+def _raise_stop(signum, frame):
+    raise Stop(f"signal {signum}")
+
+
+def _exc_text(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _log(msg: str):
+    print(msg, file=sys.stderr, flush=True)

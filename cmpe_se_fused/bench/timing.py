@@ -1,0 +1,171 @@
+"""Timers. Every timer takes ``fn(i)``, a call on input copy ``i``, and rotates the copies so that
+the working set of repeated calls exceeds the last-level cache (GPU L2, CPU L3): a kernel that
+streams 3T bytes must not be timed on data left in cache by the previous call.
+
+* GPU: ``triton.testing.do_bench``-style medians (a CUDA event pair around every call, warm-up
+  first); for microsecond kernels also CUDA-graph replays, which remove the launch overhead.
+* CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` medians, on every intra-op thread.
+"""
+from __future__ import annotations
+
+import gc
+import glob
+import itertools
+import math
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_us: float
+    reps: int
+    iqr_us: float | None = None
+
+
+def cache_bytes(device: torch.device) -> int:
+    """Bytes of the last-level cache that rotation must defeat (GPU L2, CPU L3)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "L2_cache_size", 0) or 50 << 20)
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+            sizes.append(int(text.rstrip("KMG")) * mult)
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=32 << 20)
+
+
+def rotation_copies(bytes_per_copy: int, device: torch.device, max_copies: int = 64) -> int:
+    """How many input copies make the rotated working set at least twice the cache (and >= 2)."""
+    target = max(2 * cache_bytes(device), (100 << 20) if device.type == "cuda" else (64 << 20))
+    return int(min(max_copies, max(2, math.ceil(target / max(1, bytes_per_copy)))))
+
+
+def _iqr(xs):
+    if len(xs) < 4:
+        return None
+    q = statistics.quantiles(xs, n=4)
+    return q[2] - q[0]
+
+
+def time_cuda(fn, n_copies: int, warmup_ms: float = 10.0, rep_ms: float = 40.0, min_reps: int = 10,
+              max_reps: int = 1000) -> Timing:
+    """Median of per-call CUDA-event times (microseconds), do_bench style."""
+    ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+    fn(0)
+    torch.cuda.synchronize()
+    start, end = ev(), ev()
+    start.record()
+    for i in range(5):
+        fn(i % n_copies)
+    end.record()
+    torch.cuda.synchronize()
+    est_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    for i in range(max(1, int(warmup_ms / est_ms))):
+        fn(i % n_copies)
+    reps = int(min(max_reps, max(min_reps, rep_ms / est_ms)))
+    starts, ends = [ev() for _ in range(reps)], [ev() for _ in range(reps)]
+    for j in range(reps):
+        starts[j].record()
+        fn(j % n_copies)
+        ends[j].record()
+    torch.cuda.synchronize()
+    times = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+    return Timing(statistics.median(times), reps, _iqr(times))
+
+
+def time_cuda_graph(fn, n_copies: int, prepare=None, replays: int = 20) -> Timing:
+    """Per-call time of a CUDA graph that holds one call per input copy, replayed ``replays``
+    times (median over replays, divided by ``n_copies``). ``prepare()`` runs on the capture
+    stream first (the bwd pass builds its autograd graphs there, so the backward is captured).
+    Raises when capture is not possible; the caller records the reason."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(stream):
+            if prepare is not None:
+                prepare()
+            for _ in range(2):
+                for i in range(n_copies):
+                    fn(i)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            for i in range(n_copies):
+                fn(i)
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+        pairs = [(ev(), ev()) for _ in range(replays)]
+        for s, e in pairs:
+            s.record()
+            graph.replay()
+            e.record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) * 1e3 / n_copies for s, e in pairs]
+        return Timing(statistics.median(times), replays * n_copies, _iqr(times))
+    finally:
+        del graph
+        torch.cuda.synchronize()
+
+
+def time_cpu(fn, n_copies: int, min_run_time: float = 0.2) -> Timing:
+    """``blocked_autorange`` median (microseconds) on all intra-op threads."""
+    from torch.utils import benchmark
+
+    counter = itertools.count()
+
+    def call():
+        fn(next(counter) % n_copies)
+
+    call()
+    timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    times = [t * 1e6 for t in m.times]
+    return Timing(m.median * 1e6, len(m.times) * m.number_per_run, _iqr(times))
+
+
+def time_fn(fn, n_copies: int, device: torch.device, quick: bool = False) -> Timing:
+    if device.type == "cuda":
+        return time_cuda(fn, n_copies, rep_ms=25.0 if quick else 40.0)
+    return time_cpu(fn, n_copies, min_run_time=0.1 if quick else 0.3)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
+    """Bytes read + written per second of a large device-to-device copy (GPU) or memcpy (CPU,
+    ``Tensor.copy_`` on every intra-op thread): the denominator of every floor in the run."""
+    nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (256 << 20))
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    fn = lambda i: dst.copy_(src)  # noqa: E731
+    t = time_cuda(fn, 1, rep_ms=100.0) if device.type == "cuda" else time_cpu(fn, 1, min_run_time=0.5)
+    del src, dst
+    return {"bytes": nbytes, "median_us": t.median_us, "GBps": 2 * nbytes / (t.median_us * 1e-6) / 1e9,
+            "method": "cuda device-to-device copy_" if device.type == "cuda"
+            else f"Tensor.copy_ on {torch.get_num_threads()} threads"}
+
+
+def peak_memory_mb(fn, device: torch.device) -> float | None:
+    """Peak bytes allocated by one ``fn(0)`` beyond what was allocated before it (GPU only)."""
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(0)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
