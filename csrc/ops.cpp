@@ -19,14 +19,14 @@ TORCH_LIBRARY(cmpe_se, m) {
       "forward(Tensor u, Tensor x, Tensor fc1_weight, Tensor? fc1_identity_weight, Tensor fc2_weight, "
       "Tensor? pair_weight, Tensor? bn_weight, Tensor? bn_bias, "
       "Tensor(a!) running_mean, Tensor(b!) running_var, "
-      "str mode, bool training, float momentum, float eps, int fold_width, int padding) "
+      "str se_mode, bool training, float momentum, float eps, int fold_width, int padding) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "backward(Tensor grad_y, Tensor u, Tensor pool_u, Tensor pool_x, Tensor gate, Tensor hidden, "
       "Tensor bn_mean, Tensor bn_invstd, "
       "Tensor fc1_weight, Tensor? fc1_identity_weight, Tensor fc2_weight, "
       "Tensor? pair_weight, Tensor? bn_weight, Tensor? bn_bias, "
-      "str mode, bool training, int fold_width, int padding) "
+      "str se_mode, bool training, int fold_width, int padding) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
