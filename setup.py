@@ -99,7 +99,7 @@ if torch is not None and not _flag("CMPE_SE_SKIP_CPP_BUILD"):
         ext_modules.append(CUDAExtension(
             "cmpe_se_fused._C_cuda", cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-DNDEBUG"],
+            extra_compile_args={"cxx": ["-O3", "-std=c++20", "-DNDEBUG"],
                                 "nvcc": NVCC_FLAGS + ["--threads", nvcc_threads]}))
     elif _flag("CMPE_SE_SKIP_CUDA_BUILD"):
         SKIPPED.append("CUDA extension: CMPE_SE_SKIP_CUDA_BUILD is set")
