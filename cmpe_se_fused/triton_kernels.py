@@ -49,11 +49,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Triton decides at decoration time whether kernels are compiled or interpreted.
+INTERPRETED = _interpreting()
+
+
 def is_available() -> tuple[bool, str]:
     """``(ok, reason)``: Triton importable and a device it can run on (CUDA, or the interpreter)."""
     if _IMPORT_ERROR is not None:
         return False, _IMPORT_ERROR
-    if _interpreting():
+    if INTERPRETED:
         return True, "triton interpreter (TRITON_INTERPRET=1): CPU tensors, slow"
     if not torch.cuda.is_available():
         return False, "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on CPU)"

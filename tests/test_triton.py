@@ -1,0 +1,332 @@
+"""Triton backend (``cmpe_se_fused.triton_kernels``) against the op-contract reference.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (small shapes; fp32, fp16
+and fp64; the interpreter has no bf16). Triton decides at decoration time whether a kernel is
+interpreted, and its own language functions at its first import: this module sets
+``TRITON_INTERPRET=1`` before importing triton and only while its own tests run; if another module
+imported triton first, the tests re-run in a subprocess (``test_interpreter_subprocess``). GPU tests (real shapes, bf16) carry the ``cuda``
+marker.
+
+Tolerance rule (conftest): error against the float64 reference at most ``TOL_MULTIPLE`` times the
+eager reference's own error in the same dtype, plus a tiny floor.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+_CPU_ONLY = not torch.cuda.is_available()
+_ENV_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton's own language functions are interpreted only if TRITON_INTERPRET=1 was set before triton
+# was first imported. If another test module imported it earlier, run this file in a subprocess.
+_IN_PROCESS = not _CPU_ONLY or _ENV_INTERPRET or "triton" not in sys.modules
+if _CPU_ONLY and _IN_PROCESS and not _ENV_INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    pytest.importorskip("triton")
+    import cmpe_se_fused.triton_kernels as tk
+    if _CPU_ONLY and _IN_PROCESS and not tk.INTERPRETED:  # imported earlier with compiled kernels
+        importlib.reload(sys.modules["cmpe_se_fused._triton_small"])
+        tk = importlib.reload(tk)
+finally:
+    if _CPU_ONLY and not _ENV_INTERPRET:
+        os.environ.pop("TRITON_INTERPRET", None)
+
+from cmpe_se_fused.reference import MODES, PAIR_MODES, backward_op_reference, forward_op_reference  # noqa: E402
+
+from conftest import assert_close_rule, make_params  # noqa: E402
+
+ok, why = tk.is_available()
+if not _IN_PROCESS:
+    ok, why = False, "triton was imported without TRITON_INTERPRET=1 (see test_interpreter_subprocess)"
+
+
+@pytest.fixture(autouse=True)
+def _needs_backend(request):
+    if not ok and request.node.originalname != "test_interpreter_subprocess":
+        pytest.skip(f"triton backend unavailable: {why}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_env():
+    """The interpreter reads TRITON_INTERPRET at run time too; set it only while this module runs."""
+    if not (_CPU_ONLY and _IN_PROCESS) or _ENV_INTERPRET:
+        yield
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
+@pytest.mark.skipif(_IN_PROCESS, reason="the interpreter tests run in this process")
+def test_interpreter_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                         env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+
+
+DEV = "cpu" if _CPU_ONLY else "cuda"
+WEIGHTS = ("fc1_weight", "fc1_identity_weight", "fc2_weight", "pair_weight", "bn_weight", "bn_bias")
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-6, torch.bfloat16: 1e-6}
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Case:
+    """Inputs of one op call: activations in ``dtype``, weights in its acc dtype, fp64 copies."""
+
+    def __init__(self, mode, shape, dtype, *, training, fold_width=8, padding=0, channels_last=False,
+                 pair_filters=3, reduction=4, seed=0, device=DEV, sliced=False):
+        n, c, h, w = shape
+        g = torch.Generator().manual_seed(seed + 1)
+        rnd = lambda: torch.randn(n, c, h, w + (1 if sliced else 0), generator=g, dtype=torch.float64)  # noqa: E731
+        u, x, dy = (t.to(device=device, dtype=dtype) for t in (rnd() + 0.5, rnd(), rnd()))
+        if channels_last:
+            u, x = u.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+        if sliced:  # non-dense strides: every spatial row skips one element
+            u, x, dy = u[..., 1:], x[..., 1:], dy[..., :-1]
+        self.u, self.x, self.dy = u, x, dy
+        self.mode, self.training, self.dtype = mode, training, dtype
+        self.fold_width, self.padding = fold_width, padding
+        p = make_params(mode, c, reduction=reduction, pair_filters=pair_filters, fold_width=fold_width,
+                        padding=padding, dtype=torch.float64, device=device, seed=seed)
+        self.p64 = {k: p.get(k) for k in WEIGHTS}
+        self.p = {k: (None if v is None else v.to(_acc(dtype))) for k, v in self.p64.items()}
+        e0 = torch.zeros(0, device=device)
+        self.rm, self.rv = p.get("running_mean", e0).float(), p.get("running_var", e0).float()
+
+    def weights(self, p):
+        return [p[k] for k in WEIGHTS]
+
+    def forward_args(self, u, x, p, rm, rv):
+        return (u, x, *self.weights(p), rm, rv, self.mode, self.training, 0.1, 1e-5, self.fold_width, self.padding)
+
+    def backward_args(self, dy, u, saved, p):
+        return (dy, u, *saved, *self.weights(p), self.mode, self.training, self.fold_width, self.padding)
+
+
+def _check(case, fwd_kw=None, bwd_kw=None):
+    """Forward outputs, running stats and backward outputs of the Triton op vs the references."""
+    fwd_kw, bwd_kw = fwd_kw or {}, bwd_kw or {}
+    c, dt = case, case.dtype
+    rm_t, rv_t, rm_e, rv_e = c.rm.clone(), c.rv.clone(), c.rm.clone(), c.rv.clone()
+    rm_64, rv_64 = c.rm.double(), c.rv.double()
+    out = tk.forward(*c.forward_args(c.u, c.x, c.p, rm_t, rv_t), **fwd_kw)
+    eager = forward_op_reference(*c.forward_args(c.u, c.x, c.p, rm_e, rv_e))
+    ref = forward_op_reference(*c.forward_args(c.u.double(), c.x.double(), c.p64, rm_64, rv_64))
+    names = ("y", "pool_u", "pool_x", "gate", "hidden", "bn_mean", "bn_invstd")
+    assert out[0].dtype == dt and out[0].stride() == torch.empty_like(c.u).stride()
+    for name, o, e, r in zip(names, out, eager, ref):
+        assert o.shape == r.shape, f"{name}: shape {tuple(o.shape)} != {tuple(r.shape)}"
+        assert o.dtype == (dt if name == "y" else _acc(dt)), f"{name}: dtype {o.dtype}"
+        if r.numel():
+            assert_close_rule(o, r, e, name=name, atol_floor=FLOOR[dt])
+    for name, o, e, r in (("running_mean", rm_t, rm_e, rm_64), ("running_var", rv_t, rv_e, rv_64)):
+        if r.numel():
+            assert_close_rule(o, r, e, name=name, atol_floor=FLOOR[torch.float32])
+    # backward from the same saved tensors (the eager ones), so only the backward is compared
+    saved = eager[1:]
+    grads = tk.backward(*c.backward_args(c.dy, c.u, saved, c.p), **bwd_kw)
+    geager = backward_op_reference(*c.backward_args(c.dy, c.u, saved, c.p))
+    gref = backward_op_reference(*c.backward_args(c.dy.double(), c.u.double(), [t.double() for t in saved], c.p64))
+    gnames = ("grad_u", "grad_x", "grad_fc1", "grad_fc1_identity", "grad_fc2", "grad_pair", "grad_bn_w", "grad_bn_b")
+    for name, o, e, r in zip(gnames, grads, geager, gref):
+        assert o.shape == r.shape, f"{name}: shape {tuple(o.shape)} != {tuple(r.shape)}"
+        if name in ("grad_u", "grad_x"):
+            assert o.dtype == dt and o.stride() == torch.empty_like(c.u).stride(), name
+        if r.numel():
+            assert_close_rule(o, r, e, name=name, atol_floor=FLOOR[dt])
+    return out, grads
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU (interpreter) and GPU: small shapes
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=["fp32", "fp16", "fp64"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_reference(mode, training, dtype):
+    _check(Case(mode, (3, 32, 3, 3), dtype, training=training))
+
+
+VARIANTS = {  # name: (Case keywords, tuning keywords)
+    "channels_last": (dict(shape=(3, 32, 3, 3), channels_last=True), {}),
+    "split_launch": (dict(shape=(3, 32, 3, 3)), dict(single_launch=False, chunks=2, block_c=8)),
+    "odd_c24_pad1_1x1": (dict(shape=(2, 24, 1, 1), padding=1), {}),
+    "batch1_7x7": (dict(shape=(1, 16, 7, 7)), dict(block_p=16)),
+    "sliced_strides": (dict(shape=(2, 16, 3, 4), sliced=True), {}),
+    "channels_last_split": (dict(shape=(2, 16, 2, 3), channels_last=True),
+                            dict(single_launch=False, chunks=3, block_c=4, block_p=2)),
+}
+VARIANT_CASES = [  # (mode, training, variant): every variant in both modes of BN, the fold in all
+    ("folded_3x3", True, "channels_last"), ("double_fc", False, "channels_last"),
+    ("folded_3x3", True, "split_launch"), ("pair_2x1", False, "split_launch"), ("se", True, "split_launch"),
+    ("folded_3x3", True, "odd_c24_pad1_1x1"), ("folded_3x3", False, "odd_c24_pad1_1x1"),
+    ("pair_1x1", True, "odd_c24_pad1_1x1"),
+    ("folded_3x3", False, "batch1_7x7"), ("pair_2x1", True, "batch1_7x7"), ("double_fc", True, "batch1_7x7"),
+    ("folded_3x3", True, "sliced_strides"), ("se", False, "sliced_strides"),
+    ("pair_2x1", True, "channels_last_split"), ("folded_3x3", False, "channels_last_split"),
+]
+
+
+@pytest.mark.parametrize("mode,training,variant", VARIANT_CASES,
+                         ids=[f"{m}-{'train' if t else 'eval'}-{v}" for m, t, v in VARIANT_CASES])
+def test_variants(mode, training, variant):
+    kw, tune = VARIANTS[variant]
+    kw = dict(kw)
+    shape = kw.pop("shape")
+    case = Case(mode, shape, torch.float32, training=training, **kw)
+    bwd_tune = {k: v for k, v in tune.items() if k != "single_launch"}
+    _check(case, tune, bwd_tune)
+
+
+def test_pair_1x1_batch1_eval_and_mixed_layouts():
+    case = Case("pair_1x1", (1, 16, 2, 2), torch.float32, training=False)
+    case.x = case.x.to(memory_format=torch.channels_last)  # X's layout differs from U's
+    case.dy = case.dy.transpose(2, 3).contiguous().transpose(2, 3)  # grad_y in yet another layout
+    _check(case)
+
+
+def test_deterministic():
+    case = Case("folded_3x3", (3, 32, 3, 3), torch.float32, training=True)
+    runs = []
+    for _ in range(2):
+        rm, rv = case.rm.clone(), case.rv.clone()
+        out = tk.forward(*case.forward_args(case.u, case.x, case.p, rm, rv))
+        grads = tk.backward(*case.backward_args(case.dy, case.u, out[1:], case.p))
+        runs.append((*out, rm, rv, *grads))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_training_needs_two_values():
+    case = Case("pair_2x1", (1, 1, 2, 2), torch.float32, training=True, reduction=1, pair_filters=1)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        tk.forward(*case.forward_args(case.u, case.x, case.p, case.rm.clone(), case.rv.clone()))
+
+
+class _TritonLayer(torch.autograd.Function):
+    """The two Triton host functions as one differentiable layer (for gradcheck)."""
+
+    @staticmethod
+    def forward(ctx, u, x, w1, w1i, w2, pw, gamma, beta, rm, rv, mode, training, fold_width, padding):
+        out = tk.forward(u, x, w1, w1i, w2, pw, gamma, beta, rm, rv, mode, training, 0.1, 1e-5, fold_width, padding)
+        ctx.saved = (u, *out[1:], w1, w1i, w2, pw, gamma, beta)
+        ctx.args = (mode, training, fold_width, padding)
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grads = tk.backward(grad_y, *ctx.saved, *ctx.args)
+        gu, gx, g1, g1i, g2, gpw, gg, gb = (None if t.numel() == 0 else t for t in grads)
+        return gu, gx, g1, g1i, g2, gpw, gg, gb, None, None, None, None, None, None
+
+
+GRADCHECK_CASES = [("se", True), ("double_fc", False), ("pair_2x1", True), ("pair_1x1", False),
+                   ("folded_3x3", True), ("folded_3x3", False)]
+
+
+@pytest.mark.parametrize("mode,training", GRADCHECK_CASES,
+                         ids=[f"{m}-{'train' if t else 'eval'}" for m, t in GRADCHECK_CASES])
+def test_gradcheck_fp64(mode, training):
+    case = Case(mode, (2, 8, 1, 2), torch.float64, training=training, fold_width=4, reduction=2, pair_filters=2)
+    _gradcheck(case, 4)
+
+
+def _gradcheck(case, fold_width):
+    """fp64 gradcheck (fast mode) of the whole layer. All differentiable inputs are packed into one
+    vector, so one random direction probes every input at once (the interpreter is slow)."""
+    inputs = [t for t in (case.u, case.x, *case.weights(case.p))]
+    present = [t for t in inputs if t is not None]
+    flat = torch.cat([t.detach().reshape(-1) for t in present]).requires_grad_(True)
+
+    def fn(vec):
+        parts, off = [], 0
+        for t in inputs:
+            if t is None:
+                parts.append(None)
+                continue
+            parts.append(vec[off:off + t.numel()].view(t.shape))
+            off += t.numel()
+        return _TritonLayer.apply(*parts, case.rm.clone(), case.rv.clone(), case.mode, case.training,
+                                  fold_width, case.padding)
+
+    assert torch.autograd.gradcheck(fn, (flat,), fast_mode=True, atol=1e-7, rtol=1e-5)
+
+
+def test_functional_backend():
+    functional = pytest.importorskip("cmpe_se_fused.functional")
+    case = Case("folded_3x3", (2, 16, 2, 2), torch.float32, training=True)
+    outs = []
+    for backend in ("triton", "reference"):
+        u = case.u.detach().clone().requires_grad_(True)
+        p = {k: (None if v is None else v.detach().clone().requires_grad_(True)) for k, v in case.p.items()}
+        rm, rv = case.rm.clone(), case.rv.clone()
+        y = functional.cmpe_se(u, case.x, running_mean=rm, running_var=rv, mode="folded_3x3", training=True,
+                               fold_width=8, backend=backend, **p)
+        y.backward(case.dy)
+        outs.append((y.detach(), u.grad, p["fc1_weight"].grad, p["pair_weight"].grad, rm, rv))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: real shapes, bf16, tuning sweep
+# ------------------------------------------------------------------------------------------------
+
+GPU_SHAPES = {  # (shape, fold_width, pair_filters, reduction): paper configurations
+    "resnet164_s3": ((64, 256, 8, 8), 16, 4, 16),
+    "wrn_s3": ((16, 640, 8, 8), 64, 40, 16),
+    "cifar_s1": ((32, 64, 32, 32), 16, 1, 16),
+}
+# (shape, dtype, channels_last) per mode and training flag; each combination compiles its kernels
+GPU_CASES = [("resnet164_s3", torch.float32, False), ("wrn_s3", torch.bfloat16, True)]
+GPU_EXTRA = [("folded_3x3", True, "cifar_s1", torch.float16, False), ("se", False, "cifar_s1", torch.float16, True),
+             ("pair_1x1", True, "cifar_s1", torch.bfloat16, False)]
+GPU_ALL = [(m, t, *c) for m in MODES for t in (True, False) for c in GPU_CASES] + GPU_EXTRA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode,training,shape,dtype,channels_last", GPU_ALL,
+                         ids=[f"{m}-{'train' if t else 'eval'}-{s}-{str(d)[6:]}-{'cl' if c else 'nchw'}"
+                              for m, t, s, d, c in GPU_ALL])
+def test_cuda_real_shapes(mode, training, shape, dtype, channels_last):
+    sh, fold, e, t = GPU_SHAPES[shape]
+    _check(Case(mode, sh, dtype, training=training, fold_width=fold, pair_filters=e, reduction=t,
+                channels_last=channels_last, device="cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tune", [dict(single_launch=True), dict(single_launch=False, chunks=4),
+                                  dict(single_launch=False, chunks=16, block_c=8, block_p=64, num_warps=8)],
+                         ids=["single", "chunks4", "chunks16_w8"])
+@pytest.mark.parametrize("mode", ["se", "folded_3x3"])
+def test_cuda_tuning_variants(mode, tune):
+    case = Case(mode, (8, 256, 14, 14), torch.float32, training=False, fold_width=16, pair_filters=4,
+                reduction=16, device="cuda")
+    _check(case, tune, {k: v for k, v in tune.items() if k != "single_launch"})
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_and_gradcheck():
+    case = Case("folded_3x3", (64, 256, 8, 8), torch.bfloat16, training=True, fold_width=16, pair_filters=4,
+                reduction=16, channels_last=True, device="cuda")
+    runs = []
+    for _ in range(2):
+        rm, rv = case.rm.clone(), case.rv.clone()
+        out = tk.forward(*case.forward_args(case.u, case.x, case.p, rm, rv), single_launch=False)
+        grads = tk.backward(*case.backward_args(case.dy, case.u, out[1:], case.p))
+        runs.append((*out, rm, rv, *grads))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    _gradcheck(Case("folded_3x3", (2, 16, 1, 2), torch.float64, training=True, device="cuda"), 8)
