@@ -48,9 +48,12 @@ def git_info(root: str = REPO_ROOT) -> dict:
         except (OSError, subprocess.SubprocessError):
             return None
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    source = "git"
+    if not commit and os.environ.get("CMPE_SE_COMMIT"):  # a tree copied without .git (the GPU machine)
+        commit, source = os.environ["CMPE_SE_COMMIT"].strip(), "CMPE_SE_COMMIT"
     return {"commit": commit, "short": commit[:7] if commit else None,
-            "dirty": bool(status) if status is not None else None}
+            "dirty": bool(status) if status is not None else None, "source": source if commit else None}
 
 
 def versions() -> dict:
