@@ -32,7 +32,7 @@ from .dispatch import BACKEND_NAMES
 from .modules import CMPESE
 from .reference import KERNEL_SIZE, MODES, PAIR_MODES, CMPESEReference, relation_dim
 
-__all__ = ["convert_model", "revert_model", "is_cmpe_se_layer", "layer_config", "SPEC_CHILDREN"]
+__all__ = ["SPEC_CHILDREN", "convert_model", "is_cmpe_se_layer", "layer_config", "revert_model"]
 
 #: child modules of a CMPE-SE layer, by mode (SPEC section 1)
 SPEC_CHILDREN = {

@@ -35,8 +35,13 @@ from .convert import _adopt, _plain_bn, _swap, is_cmpe_se_layer, layer_config
 from .modules import CMPESE
 from .reference import PAIR_MODES, acc_dtype
 
-__all__ = ["SyncCMPESE", "convert_sync_cmpe_se", "revert_sync_cmpe_se", "convert_sync_batchnorm",
-           "synced_batch_norm"]
+__all__ = [
+    "SyncCMPESE",
+    "convert_sync_batchnorm",
+    "convert_sync_cmpe_se",
+    "revert_sync_cmpe_se",
+    "synced_batch_norm",
+]
 
 
 def _world_size(group) -> int:

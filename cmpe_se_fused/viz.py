@@ -33,8 +33,14 @@ from . import reference
 from .convert import is_cmpe_se_layer
 from .reference import PAIR_MODES
 
-__all__ = ["LayerRecord", "AttentionRecorder", "gate_statistics", "plot_maps", "plot_gate_curves",
-           "plot_gate_stats"]
+__all__ = [
+    "AttentionRecorder",
+    "LayerRecord",
+    "gate_statistics",
+    "plot_gate_curves",
+    "plot_gate_stats",
+    "plot_maps",
+]
 
 
 @dataclass
@@ -83,7 +89,7 @@ def _gate_and_map(module, u, x):
     """(gate (N, C), v (N, Hm, Wm) or None) of a CMPE-SE layer, recomputed without side effects."""
     acc = reference.acc_dtype(u.dtype)
     pool_u, pool_x = reference.squeeze(u, x)
-    w = (lambda name: getattr(module, name).weight.to(acc))  # noqa: E731
+    w = (lambda name: getattr(module, name).weight.to(acc))
     mode, v = module.mode, None
     if mode == "double_fc":
         hidden = torch.cat([torch.relu(pool_u @ w("fc1").t()), torch.relu(pool_x @ w("fc1_identity").t())], 1)
@@ -119,13 +125,14 @@ class AttentionRecorder:
         self._handles = []
         for name, m in model.named_modules():
             if is_cmpe_se_layer(m) and (layers is None or name in layers):
-                self._handles.append(m.register_forward_hook(self._hook(name or type(m).__name__)))
+                self._handles.append(m.register_forward_hook(self._hook(name or type(m).__name__), with_kwargs=True))
         if not self._handles:
             raise ValueError("the model has no CMPE-SE layer to record")
 
     def _hook(self, name):
-        def hook(module, inputs, output):
-            u, x = inputs[0], inputs[1]
+        def hook(module, args, kwargs, output):
+            u = args[0] if args else kwargs["u"]
+            x = args[1] if len(args) > 1 else kwargs["x"]
             kept = self._raw.get(name, {}).get("pool_u")
             if self.max_samples is not None and kept is not None and kept.shape[0] >= self.max_samples:
                 return

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_cifar import MEAN, STD, augment, build_model, load_cifar, synthetic_cifar  # noqa: E402
+from train_cifar import MEAN, STD, augment, build_model, load_cifar, synthetic_cifar
 
-from cmpe_se_fused.viz import AttentionRecorder, gate_statistics, plot_gate_curves, plot_gate_stats, plot_maps  # noqa: E402,E501
+from cmpe_se_fused.viz import AttentionRecorder, gate_statistics, plot_gate_curves, plot_gate_stats, plot_maps
 
 
 def parse_args(argv=None):

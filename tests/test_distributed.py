@@ -20,8 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cmpe_se_fused import CMPESE, CMPESEReference
 from cmpe_se_fused.dispatch import BACKENDS
-from cmpe_se_fused.distributed import (SyncCMPESE, convert_sync_batchnorm, convert_sync_cmpe_se,
-                                       revert_sync_cmpe_se)
+from cmpe_se_fused.distributed import SyncCMPESE, convert_sync_batchnorm, convert_sync_cmpe_se, revert_sync_cmpe_se
 from cmpe_se_fused.reference import PAIR_MODES
 
 HAS_CPU_KERNEL = not BACKENDS["cpu"].not_supported_reasons()

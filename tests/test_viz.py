@@ -11,8 +11,7 @@ from torch import nn
 from cmpe_se_fused import CMPESE, CMPESEReference
 from cmpe_se_fused.models import preact_resnet
 from cmpe_se_fused.reference import MODES, PAIR_MODES
-from cmpe_se_fused.viz import (AttentionRecorder, gate_statistics, plot_gate_curves, plot_gate_stats,
-                               plot_maps)
+from cmpe_se_fused.viz import AttentionRecorder, gate_statistics, plot_gate_curves, plot_gate_stats, plot_maps
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
@@ -55,7 +54,7 @@ def test_recorded_values_are_the_layers(mode, cls):
     holder = nn.ModuleDict({"blk": layer})
     u, x = torch.randn(5, 24, 3, 3, dtype=torch.float64), torch.randn(5, 24, 3, 3, dtype=torch.float64)
     with AttentionRecorder(holder) as rec:
-        y = layer(u, x)
+        y = layer(u, x=x)  # keyword inputs are recorded too
     r = rec.records["blk"]
     assert r.mode == mode and r.gate.shape == (5, 24) and r.gate.dtype == torch.float32
     torch.testing.assert_close(r.pool_u, u.mean((2, 3)).float())
@@ -77,10 +76,9 @@ def test_recorded_values_are_the_layers(mode, cls):
 
 def test_max_samples_layers_and_errors():
     net = tiny_net("pair_1x1").eval()
-    with AttentionRecorder(net, layers=["stages.0.0.se", "stages.2.2.se"], max_samples=5) as rec:
-        with torch.no_grad():
-            net(torch.randn(3, 3, 8, 8))
-            net(torch.randn(4, 3, 8, 8))
+    with AttentionRecorder(net, layers=["stages.0.0.se", "stages.2.2.se"], max_samples=5) as rec, torch.no_grad():
+        net(torch.randn(3, 3, 8, 8))
+        net(torch.randn(4, 3, 8, 8))
     assert list(rec.records) == ["stages.0.0.se", "stages.2.2.se"]
     assert all(r.gate.shape[0] == 5 and r.v.shape[0] == 5 for r in rec.records.values())
     assert rec.records["stages.0.0.se"].fold_before.shape == (5, 8, 4)  # pair_1x1 folded with m=4 for display
