@@ -1,0 +1,503 @@
+// CUDA bindings of cmpe_se::forward / cmpe_se::backward: the only CUDA-side file that sees
+// at::Tensor. Argument checks (naming the argument), device guard, current stream, layout
+// choice, workspace, launch configuration, dtype dispatch. Schemas live in csrc/ops.cpp.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "cmpe_se.h"
+
+namespace cmpe_se {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// ---- launch configuration from the environment (read once; docs/CUDA.md) --------------------
+struct EnvConfig {
+  int threads = 256;   // CMPE_SE_CUDA_THREADS
+  int max_blocks = 0;  // CMPE_SE_CUDA_BLOCKS (0: all co-resident blocks the work can use)
+  int splits = 0;      // CMPE_SE_CUDA_SPLITS (0: heuristic)
+  bool vec = true;     // CMPE_SE_CUDA_VEC=0 forces scalar accesses
+  bool coop = true;    // CMPE_SE_CUDA_COOP=0 launches without the cooperative attribute
+};
+
+int env_int(const char* name, int dflt) {
+  const char* v = std::getenv(name);
+  return (v && *v) ? std::atoi(v) : dflt;
+}
+
+const EnvConfig& env_config() {
+  static const EnvConfig cfg = [] {
+    EnvConfig c;
+    c.threads = std::min(512, std::max(128, env_int("CMPE_SE_CUDA_THREADS", 256) / 32 * 32));
+    c.max_blocks = std::max(0, env_int("CMPE_SE_CUDA_BLOCKS", 0));
+    c.splits = std::max(0, env_int("CMPE_SE_CUDA_SPLITS", 0));
+    c.vec = env_int("CMPE_SE_CUDA_VEC", 1) != 0;
+    c.coop = env_int("CMPE_SE_CUDA_COOP", 1) != 0;
+    return c;
+  }();
+  return cfg;
+}
+
+int sm_count(int device) {
+  static std::mutex mu;
+  static std::map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+  cache[device] = v;
+  return v;
+}
+
+size_t smem_optin(int device) {
+  static std::mutex mu;
+  static std::map<int, size_t> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cache[device] = (size_t)v;
+  return (size_t)v;
+}
+
+// Blocks per SM of one kernel variant, cached: the attribute and occupancy calls are made once
+// per (kernel, threads, smem, device), never again inside a CUDA-graph capture after warm-up.
+template <typename F>
+int cached_blocks_per_sm(const void* key, int threads, size_t smem, int vec, int device, F&& prepare) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, size_t, int, int>, int> cache;
+  const auto k = std::make_tuple(key, threads, smem, vec, device);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(k);
+    if (it != cache.end()) return it->second;
+  }
+  int bps = 0;
+  C10_CUDA_CHECK(static_cast<cudaError_t>(prepare(threads, smem, vec, &bps)));
+  std::lock_guard<std::mutex> lock(mu);
+  cache[k] = bps;
+  return bps;
+}
+
+// ---- argument checks ---------------------------------------------------------------------
+Mode parse_mode(c10::string_view s) {
+  if (s == "se") return Mode::SE;
+  if (s == "double_fc") return Mode::DOUBLE_FC;
+  if (s == "pair_2x1") return Mode::PAIR_2X1;
+  if (s == "pair_1x1") return Mode::PAIR_1X1;
+  if (s == "folded_3x3") return Mode::FOLDED_3X3;
+  TORCH_CHECK(false, "cmpe_se (CUDA): mode must be one of se, double_fc, pair_2x1, pair_1x1, folded_3x3, got '",
+              std::string(s), "'");
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_small(const char* name, const Tensor& t, const Tensor& u, at::ScalarType acc) {
+  TORCH_CHECK(t.device() == u.device(), "cmpe_se (CUDA): ", name, " must be on ", u.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == acc, "cmpe_se (CUDA): ", name, " must be in the accumulation dtype ", acc,
+              " (the Python layer casts weights), got ", t.scalar_type());
+}
+
+const Tensor& need(const OptTensor& t, const char* name, Mode m) {
+  TORCH_CHECK(t.has_value() && t->defined(), "cmpe_se (CUDA): ", name, " is required in mode ", (int)m);
+  return *t;
+}
+
+Tensor small_contig(const Tensor& t) { return t.contiguous(); }
+
+// Geometry from the input shape and the weights, with the shape checks the kernels rely on.
+Geometry make_geometry(const Tensor& u, Mode mode, const Tensor& fc1, const Tensor& fc2, const OptTensor& pair_w,
+                       int64_t fold_width, int64_t padding) {
+  TORCH_CHECK(u.dim() == 4, "cmpe_se (CUDA): u must be 4-D (N, C, H, W), got ", u.sizes());
+  TORCH_CHECK(u.numel() > 0, "cmpe_se (CUDA): u must be non-empty, got ", u.sizes());
+  Geometry g{};
+  g.N = (int)u.size(0);
+  g.C = (int)u.size(1);
+  g.P = (int)(u.size(2) * u.size(3));
+  g.mode = mode;
+  TORCH_CHECK(fc1.dim() == 2, "cmpe_se (CUDA): fc1_weight must be 2-D, got ", fc1.sizes());
+  g.r = (int)fc1.size(0);
+  g.Dz = (int)fc1.size(1);
+  g.Rh = mode == Mode::DOUBLE_FC ? 2 * g.r : g.r;
+  TORCH_CHECK(fc2.dim() == 2 && fc2.size(0) == g.C && fc2.size(1) == g.Rh, "cmpe_se (CUDA): fc2_weight must be [",
+              g.C, ", ", g.Rh, "], got ", fc2.sizes());
+  g.e = 0;
+  g.K = 1;
+  g.L = 0;
+  g.fold_m = (int)fold_width;
+  g.pad = (int)padding;
+  if (is_pair_mode(mode)) {
+    const Tensor& w = need(pair_w, "pair_weight", mode);
+    const int kh = mode == Mode::FOLDED_3X3 ? 3 : 1, kw = mode == Mode::FOLDED_3X3 ? 3 : (mode == Mode::PAIR_2X1 ? 2 : 1);
+    TORCH_CHECK(w.dim() == 4 && w.size(1) == 1 && w.size(2) == kh && w.size(3) == kw && w.size(0) >= 1,
+                "cmpe_se (CUDA): pair_weight must be [e, 1, ", kh, ", ", kw, "], got ", w.sizes());
+    g.e = (int)w.size(0);
+    g.K = kh * kw;
+    if (mode == Mode::PAIR_2X1) {
+      g.L = g.C;
+    } else if (mode == Mode::PAIR_1X1) {
+      g.L = 2 * g.C;
+    } else {
+      TORCH_CHECK(fold_width >= 1 && g.C % fold_width == 0, "cmpe_se (CUDA): fold_width must divide C=", g.C,
+                  ", got ", fold_width);
+      TORCH_CHECK(padding == 0 || padding == 1, "cmpe_se (CUDA): padding must be 0 or 1, got ", padding);
+      g.Ho = 2 * (g.C / g.fold_m) - 2 + 2 * g.pad;
+      g.Wo = g.fold_m - 2 + 2 * g.pad;
+      TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, "cmpe_se (CUDA): fold too small for a 3x3 conv with padding ", padding);
+      g.L = g.Ho * g.Wo;
+    }
+  }
+  const int dz = is_pair_mode(mode) ? g.L : g.C;
+  TORCH_CHECK(g.Dz == dz, "cmpe_se (CUDA): fc1_weight must have ", dz, " columns in this mode, got ", fc1.sizes());
+  return g;
+}
+
+// Layout of the full-size tensors: follows u as torch.empty_like(u) would (channels_last iff u
+// is channels_last and not contiguous); other strides go through a contiguous copy.
+at::MemoryFormat layout_of(const Tensor& u) {
+  if (u.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (u.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  return u.suggest_memory_format();
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Launch configuration: vector width, persistent grid, splits, shared memory.
+template <typename F>
+Launch make_launch(Geometry& g, bool backward, int elem, int acc, std::initializer_list<const void*> ptrs,
+                   int device, const void* key, F&& prepare) {
+  const EnvConfig& cfg = env_config();
+  Launch l{};
+  l.threads = cfg.threads;
+  const int full_vec = 16 / elem;
+  bool ok = cfg.vec;
+  for (const void* p : ptrs) ok = ok && aligned16(p);
+  ok = ok && (g.channels_last ? g.C % full_vec == 0 : g.P % full_vec == 0);
+  l.vec = ok ? full_vec : 1;
+  const int nvc = g.C / l.vec;
+  int cv = 1;
+  while (cv < 32 && cv < nvc) cv *= 2;
+  l.cv = cv;
+  l.smem = smem_plan(g, acc, backward, l.threads, l.vec).total;
+  TORCH_CHECK(l.smem <= smem_optin(device), "cmpe_se (CUDA): needs ", l.smem,
+              " bytes of shared memory per block for C=", g.C, " (map ", g.L, ", hidden ", g.Rh,
+              "), more than the device allows (", smem_optin(device), "); use another backend");
+  const int bps = cached_blocks_per_sm(key, l.threads, l.smem, l.vec, device, prepare);
+  TORCH_CHECK(bps >= 1, "cmpe_se (CUDA): kernel cannot be resident with ", l.threads, " threads and ", l.smem,
+              " bytes of shared memory");
+  int grid = bps * sm_count(device);
+  if (cfg.max_blocks > 0) grid = std::min(grid, cfg.max_blocks);
+  // splits of the spatial axis so that the streaming phases fill the grid
+  long long base_items, per_block;
+  int max_s;
+  if (g.channels_last) {
+    base_items = (long long)g.N * ((nvc + cv - 1) / cv);
+    per_block = 1;
+    max_s = std::max(1, g.P / (2 * (l.threads / cv)));
+  } else {
+    base_items = (long long)g.N * g.C;
+    per_block = l.threads / 32;
+    max_s = std::max(1, (g.P / l.vec) / 64);
+  }
+  int S = cfg.splits > 0 ? cfg.splits : (int)std::min<long long>(max_s, std::max<long long>(1,
+                                                                   ((long long)grid * per_block + base_items - 1) / base_items));
+  S = std::max(1, std::min(S, std::max(1, g.P)));
+  l.splits = S;
+  const long long stream_blocks = (base_items * S + per_block - 1) / per_block;
+  l.blocks = (int)std::max<long long>(1, std::min<long long>(grid, std::max<long long>(stream_blocks, g.N)));
+  l.cooperative = cfg.coop;
+  return l;
+}
+
+uintptr_t carve(uintptr_t& off, size_t bytes) {
+  const uintptr_t o = off;
+  off += (bytes + 255) / 256 * 256;
+  return o;
+}
+
+int moment_count_host(int K) { return 1 + 2 * K + K * K; }
+
+template <typename T>
+void launch_forward(const ForwardParams& p, const Launch& l, cudaStream_t s) {
+  C10_CUDA_CHECK(static_cast<cudaError_t>(forward_launch<T>(p, l, s)));
+}
+template <typename T>
+void launch_backward(const BackwardParams& p, const Launch& l, cudaStream_t s) {
+  C10_CUDA_CHECK(static_cast<cudaError_t>(backward_launch<T>(p, l, s)));
+}
+
+#define CMPE_SE_DISPATCH(dtype, NAME, ...)                                                             \
+  switch (dtype) {                                                                                     \
+    case at::kFloat: { using scalar_t = float; __VA_ARGS__; break; }                                   \
+    case at::kHalf: { using scalar_t = __half; __VA_ARGS__; break; }                                   \
+    case at::kBFloat16: { using scalar_t = __nv_bfloat16; __VA_ARGS__; break; }                        \
+    case at::kDouble: { using scalar_t = double; __VA_ARGS__; break; }                                 \
+    default: TORCH_CHECK(false, "cmpe_se (CUDA): ", NAME, " must be float32, float16, bfloat16 or float64, got ", dtype); \
+  }
+
+StatDtype stat_dtype(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return StatDtype::F32;
+    case at::kHalf: return StatDtype::F16;
+    case at::kBFloat16: return StatDtype::BF16;
+    case at::kDouble: return StatDtype::F64;
+    default: TORCH_CHECK(false, "cmpe_se (CUDA): running statistics must be floating point, got ", t.scalar_type());
+  }
+}
+
+// ---- forward -----------------------------------------------------------------------------
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
+    const Tensor& u, const Tensor& x, const Tensor& fc1_weight, const OptTensor& fc1_identity_weight,
+    const Tensor& fc2_weight, const OptTensor& pair_weight, const OptTensor& bn_weight, const OptTensor& bn_bias,
+    const Tensor& running_mean, const Tensor& running_var, c10::string_view mode_s, bool training, double momentum,
+    double eps, int64_t fold_width, int64_t padding) {
+  const Mode mode = parse_mode(mode_s);
+  TORCH_CHECK(u.is_cuda(), "cmpe_se (CUDA): u must be a CUDA tensor, got ", u.device());
+  TORCH_CHECK(x.device() == u.device(), "cmpe_se (CUDA): x must be on ", u.device(), ", got ", x.device());
+  TORCH_CHECK(x.sizes() == u.sizes(), "cmpe_se (CUDA): x must have the shape of u ", u.sizes(), ", got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == u.scalar_type(), "cmpe_se (CUDA): x must have the dtype of u (", u.scalar_type(),
+              "), got ", x.scalar_type());
+  const c10::cuda::CUDAGuard guard(u.device());
+  const at::ScalarType acc = acc_type(u.scalar_type());
+  const auto fmt = layout_of(u);
+  const Tensor uc = u.contiguous(fmt), xc = x.contiguous(fmt);
+  Geometry g = make_geometry(u, mode, fc1_weight, fc2_weight, pair_weight, fold_width, padding);
+  g.channels_last = (fmt == at::MemoryFormat::ChannelsLast && g.C > 1) || (g.P == 1);
+  check_small("fc1_weight", fc1_weight, u, acc);
+  check_small("fc2_weight", fc2_weight, u, acc);
+  const Tensor w1 = small_contig(fc1_weight), w2 = small_contig(fc2_weight);
+  Tensor w1i, pw, bw, bb;
+  if (mode == Mode::DOUBLE_FC) {
+    w1i = small_contig(need(fc1_identity_weight, "fc1_identity_weight", mode));
+    check_small("fc1_identity_weight", w1i, u, acc);
+    TORCH_CHECK(w1i.dim() == 2 && w1i.size(0) == g.r && w1i.size(1) == g.C,
+                "cmpe_se (CUDA): fc1_identity_weight must be [", g.r, ", ", g.C, "], got ", w1i.sizes());
+  }
+  const bool pair = is_pair_mode(mode);
+  if (pair) {
+    pw = small_contig(*pair_weight);
+    bw = small_contig(need(bn_weight, "bn_weight", mode));
+    bb = small_contig(need(bn_bias, "bn_bias", mode));
+    check_small("pair_weight", pw, u, acc);
+    check_small("bn_weight", bw, u, acc);
+    check_small("bn_bias", bb, u, acc);
+    TORCH_CHECK(bw.numel() == g.e && bb.numel() == g.e, "cmpe_se (CUDA): bn_weight, bn_bias must have ", g.e,
+                " elements");
+    for (const Tensor* t : {&running_mean, &running_var}) {
+      TORCH_CHECK(t->device() == u.device() && t->numel() == g.e && t->is_contiguous(),
+                  "cmpe_se (CUDA): running_mean/running_var must be contiguous [", g.e, "] tensors on ", u.device());
+    }
+    TORCH_CHECK(running_mean.scalar_type() == running_var.scalar_type(),
+                "cmpe_se (CUDA): running_mean and running_var must share a dtype");
+    TORCH_CHECK(!training || (long long)g.N * g.L > 1, "cmpe_se (CUDA): pair_bn expects more than 1 value per "
+                "filter in training mode, got ", (long long)g.N * g.L);
+  }
+  auto fopt = u.options().dtype(acc);
+  Tensor y = at::empty(u.sizes(), u.options().memory_format(fmt));
+  Tensor pool_u = at::empty({g.N, g.C}, fopt), pool_x = at::empty({g.N, g.C}, fopt);
+  Tensor gate = at::empty({g.N, g.C}, fopt), hidden = at::empty({g.N, g.Rh}, fopt);
+  Tensor bn_mean = at::empty({g.e}, fopt), bn_invstd = at::empty({g.e}, fopt);
+
+  const int device = u.get_device();
+  const int elem = (int)u.element_size(), accb = (int)c10::elementSize(acc);
+  Launch l{};
+  CMPE_SE_DISPATCH(u.scalar_type(), "u", {
+    l = make_launch(g, false, elem, accb, {uc.data_ptr(), xc.data_ptr(), y.data_ptr()}, device,
+                    reinterpret_cast<const void*>(&forward_prepare<scalar_t>),
+                    [](int t, size_t s, int v, int* b) { return forward_prepare<scalar_t>(t, s, v, b); });
+  });
+  uintptr_t off = 256;
+  const uintptr_t o_part = carve(off, (size_t)2 * g.N * l.splits * g.C * accb);
+  const uintptr_t o_stat = carve(off, (size_t)l.blocks * moment_count_host(g.K) * sizeof(double));
+  Tensor ws = at::empty({(int64_t)off}, u.options().dtype(at::kByte));
+  auto* base = static_cast<unsigned char*>(ws.data_ptr());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  C10_CUDA_CHECK(cudaMemsetAsync(base, 0, 16, stream));
+
+  ForwardParams p{};
+  p.g = g;
+  p.u = uc.data_ptr();
+  p.x = xc.data_ptr();
+  p.y = y.data_ptr();
+  p.fc1_w = w1.data_ptr();
+  p.fc1_id_w = w1i.defined() ? w1i.data_ptr() : nullptr;
+  p.fc2_w = w2.data_ptr();
+  p.pair_w = pw.defined() ? pw.data_ptr() : nullptr;
+  p.bn_w = bw.defined() ? bw.data_ptr() : nullptr;
+  p.bn_b = bb.defined() ? bb.data_ptr() : nullptr;
+  p.running_mean = pair ? running_mean.data_ptr() : nullptr;
+  p.running_var = pair ? running_var.data_ptr() : nullptr;
+  p.stat_dtype = pair ? stat_dtype(running_mean) : StatDtype::F32;
+  p.training = training;
+  p.momentum = momentum;
+  p.eps = eps;
+  p.pool_u = pool_u.data_ptr();
+  p.pool_x = pool_x.data_ptr();
+  p.gate = gate.data_ptr();
+  p.hidden = hidden.data_ptr();
+  p.bn_mean = bn_mean.data_ptr();
+  p.bn_invstd = bn_invstd.data_ptr();
+  p.counter = reinterpret_cast<unsigned*>(base);
+  p.part = base + o_part;
+  p.stat_part = base + o_stat;
+  CMPE_SE_DISPATCH(u.scalar_type(), "u", { launch_forward<scalar_t>(p, l, stream); });
+  return {y, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd};
+}
+
+// ---- backward ----------------------------------------------------------------------------
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cuda(
+    const Tensor& grad_y, const Tensor& u, const Tensor& pool_u, const Tensor& pool_x, const Tensor& gate,
+    const Tensor& hidden, const Tensor& bn_mean, const Tensor& bn_invstd, const Tensor& fc1_weight,
+    const OptTensor& fc1_identity_weight, const Tensor& fc2_weight, const OptTensor& pair_weight,
+    const OptTensor& bn_weight, const OptTensor& bn_bias, c10::string_view mode_s, bool training, int64_t fold_width,
+    int64_t padding) {
+  const Mode mode = parse_mode(mode_s);
+  TORCH_CHECK(u.is_cuda(), "cmpe_se (CUDA): u must be a CUDA tensor, got ", u.device());
+  TORCH_CHECK(grad_y.device() == u.device(), "cmpe_se (CUDA): grad_y must be on ", u.device());
+  TORCH_CHECK(grad_y.sizes() == u.sizes(), "cmpe_se (CUDA): grad_y must have the shape of u ", u.sizes(), ", got ",
+              grad_y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == u.scalar_type(), "cmpe_se (CUDA): grad_y must have the dtype of u (",
+              u.scalar_type(), "), got ", grad_y.scalar_type());
+  const c10::cuda::CUDAGuard guard(u.device());
+  const at::ScalarType acc = acc_type(u.scalar_type());
+  const auto fmt = layout_of(u);
+  const Tensor uc = u.contiguous(fmt), dyc = grad_y.contiguous(fmt);
+  Geometry g = make_geometry(u, mode, fc1_weight, fc2_weight, pair_weight, fold_width, padding);
+  g.channels_last = (fmt == at::MemoryFormat::ChannelsLast && g.C > 1) || (g.P == 1);
+  const bool pair = is_pair_mode(mode);
+  check_small("fc1_weight", fc1_weight, u, acc);
+  check_small("fc2_weight", fc2_weight, u, acc);
+  for (auto nt : {std::make_pair("pool_u", &pool_u), std::make_pair("pool_x", &pool_x), std::make_pair("gate", &gate)}) {
+    check_small(nt.first, *nt.second, u, acc);
+    TORCH_CHECK(nt.second->dim() == 2 && nt.second->size(0) == g.N && nt.second->size(1) == g.C, "cmpe_se (CUDA): ",
+                nt.first, " must be [", g.N, ", ", g.C, "], got ", nt.second->sizes());
+  }
+  check_small("hidden", hidden, u, acc);
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == g.N && hidden.size(1) == g.Rh, "cmpe_se (CUDA): hidden must be [",
+              g.N, ", ", g.Rh, "], got ", hidden.sizes());
+  const Tensor pu = pool_u.contiguous(), px = pool_x.contiguous(), gt = gate.contiguous(), hd = hidden.contiguous();
+  const Tensor w1 = small_contig(fc1_weight), w2 = small_contig(fc2_weight);
+  Tensor w1i, pw, bw, bb, bm, bi;
+  if (mode == Mode::DOUBLE_FC) {
+    w1i = small_contig(need(fc1_identity_weight, "fc1_identity_weight", mode));
+    check_small("fc1_identity_weight", w1i, u, acc);
+    TORCH_CHECK(w1i.dim() == 2 && w1i.size(0) == g.r && w1i.size(1) == g.C,
+                "cmpe_se (CUDA): fc1_identity_weight must be [", g.r, ", ", g.C, "], got ", w1i.sizes());
+  }
+  if (pair) {
+    pw = small_contig(*pair_weight);
+    bw = small_contig(need(bn_weight, "bn_weight", mode));
+    bb = small_contig(need(bn_bias, "bn_bias", mode));
+    bm = small_contig(bn_mean);
+    bi = small_contig(bn_invstd);
+    check_small("pair_weight", pw, u, acc);
+    check_small("bn_weight", bw, u, acc);
+    check_small("bn_bias", bb, u, acc);
+    check_small("bn_mean", bm, u, acc);
+    check_small("bn_invstd", bi, u, acc);
+    TORCH_CHECK(bw.numel() == g.e && bb.numel() == g.e && bm.numel() == g.e && bi.numel() == g.e,
+                "cmpe_se (CUDA): bn_weight, bn_bias, bn_mean, bn_invstd must have ", g.e, " elements");
+  }
+  auto fopt = u.options().dtype(acc);
+  Tensor grad_u = at::empty(u.sizes(), u.options().memory_format(fmt));
+  Tensor grad_x = at::empty(u.sizes(), u.options().memory_format(fmt));
+  Tensor d_fc1 = at::empty(fc1_weight.sizes(), fopt), d_fc2 = at::empty(fc2_weight.sizes(), fopt);
+  Tensor d_fc1_id = mode == Mode::DOUBLE_FC ? at::empty(w1i.sizes(), fopt) : at::empty({0}, fopt);
+  Tensor d_pair = pair ? at::empty(pw.sizes(), fopt) : at::empty({0}, fopt);
+  Tensor d_bn_w = at::empty({g.e}, fopt), d_bn_b = at::empty({g.e}, fopt);
+
+  const int device = u.get_device();
+  const int elem = (int)u.element_size(), accb = (int)c10::elementSize(acc);
+  Launch l{};
+  CMPE_SE_DISPATCH(u.scalar_type(), "u", {
+    l = make_launch(g, true, elem, accb, {uc.data_ptr(), dyc.data_ptr(), grad_u.data_ptr(), grad_x.data_ptr()},
+                    device, reinterpret_cast<const void*>(&backward_prepare<scalar_t>),
+                    [](int t, size_t s, int v, int* b) { return backward_prepare<scalar_t>(t, s, v, b); });
+  });
+  uintptr_t off = 256;
+  const size_t NC = (size_t)g.N * g.C;
+  const uintptr_t o_gpart = carve(off, NC * l.splits * accb);
+  const uintptr_t o_dg = carve(off, NC * accb);
+  const uintptr_t o_dhp = carve(off, (size_t)g.N * g.Rh * accb);
+  const uintptr_t o_z = carve(off, (size_t)g.N * g.L * accb);
+  const uintptr_t o_dv = carve(off, (size_t)g.N * g.L * accb);
+  const uintptr_t o_dudx = carve(off, 2 * NC * accb);
+  const uintptr_t o_dq = carve(off, mode == Mode::FOLDED_3X3 ? (size_t)l.blocks * g.L * g.K * accb : 0);
+  const uintptr_t o_part1 = carve(off, (size_t)l.blocks * moment_count_host(g.K) * sizeof(double));
+  const uintptr_t o_fin = carve(off, (size_t)(g.e + 1) * sizeof(double));
+  Tensor ws = at::empty({(int64_t)off}, u.options().dtype(at::kByte));
+  auto* base = static_cast<unsigned char*>(ws.data_ptr());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  C10_CUDA_CHECK(cudaMemsetAsync(base, 0, 16, stream));
+
+  BackwardParams p{};
+  p.g = g;
+  p.dy = dyc.data_ptr();
+  p.u = uc.data_ptr();
+  p.du_out = grad_u.data_ptr();
+  p.dx_out = grad_x.data_ptr();
+  p.pool_u = pu.data_ptr();
+  p.pool_x = px.data_ptr();
+  p.gate = gt.data_ptr();
+  p.hidden = hd.data_ptr();
+  p.bn_mean = bm.defined() ? bm.data_ptr() : nullptr;
+  p.bn_invstd = bi.defined() ? bi.data_ptr() : nullptr;
+  p.fc1_w = w1.data_ptr();
+  p.fc1_id_w = w1i.defined() ? w1i.data_ptr() : nullptr;
+  p.fc2_w = w2.data_ptr();
+  p.pair_w = pw.defined() ? pw.data_ptr() : nullptr;
+  p.bn_w = bw.defined() ? bw.data_ptr() : nullptr;
+  p.bn_b = bb.defined() ? bb.data_ptr() : nullptr;
+  p.training = training;
+  p.d_fc1 = d_fc1.data_ptr();
+  p.d_fc1_id = mode == Mode::DOUBLE_FC ? d_fc1_id.data_ptr() : nullptr;
+  p.d_fc2 = d_fc2.data_ptr();
+  p.d_pair = pair ? d_pair.data_ptr() : nullptr;
+  p.d_bn_w = d_bn_w.data_ptr();
+  p.d_bn_b = d_bn_b.data_ptr();
+  p.counter = reinterpret_cast<unsigned*>(base);
+  p.gpart = base + o_gpart;
+  p.dg = base + o_dg;
+  p.dhp = base + o_dhp;
+  p.zbuf = base + o_z;
+  p.dv = base + o_dv;
+  p.dudx = base + o_dudx;
+  p.dq = base + o_dq;
+  p.part1 = base + o_part1;
+  p.fin = base + o_fin;
+  CMPE_SE_DISPATCH(u.scalar_type(), "u", { launch_backward<scalar_t>(p, l, stream); });
+  return {grad_u, grad_x, d_fc1, d_fc1_id, d_fc2, d_pair, d_bn_w, d_bn_b};
+}
+
+}  // namespace
+}  // namespace cmpe_se
+
+TORCH_LIBRARY_IMPL(cmpe_se, CUDA, m) {
+  m.impl("forward", &cmpe_se::forward_cuda);
+  m.impl("backward", &cmpe_se::backward_cuda);
+}
+
+// `import cmpe_se_fused._C_cuda` loads this library (and the registrations above).
+extern "C" PyObject* PyInit__C_cuda(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C_cuda", "CMPE-SE CUDA kernels (registered as "
+                                   "torch.ops.cmpe_se.forward/backward for the CUDA key)", -1, nullptr,
+                                   nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&def);
+}
