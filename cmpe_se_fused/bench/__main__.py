@@ -18,8 +18,8 @@ import torch
 
 from .config import ALL_MODES, DTYPES, LAYOUTS, PASSES, PRESETS, make_cases, parse_list
 from .providers import KNOWN_PROVIDERS, check_provider_name, default_providers
-from .runner import Options, Runner
 from .report import print_console
+from .runner import Options, Runner
 
 
 def build_parser() -> argparse.ArgumentParser:

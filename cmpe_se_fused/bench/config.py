@@ -39,7 +39,7 @@ class Shape:
     def dims(self) -> str:
         return f"{self.n}x{self.c}x{self.h}x{self.w}"
 
-    def with_batch(self, n: int) -> "Shape":
+    def with_batch(self, n: int) -> Shape:
         return replace(self, n=n)
 
 

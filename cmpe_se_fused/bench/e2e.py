@@ -30,7 +30,8 @@ def e2e_row(net, batch, se_mode, dtype, layout, provider) -> dict:
 
 
 def _build(net, se_mode, provider, device, layout, state=None):
-    kwargs = {} if se_mode is None else {"se_mode": se_mode, "backend": "reference" if provider == "eager" else provider}
+    backend = "reference" if provider == "eager" else provider
+    kwargs = {} if se_mode is None else {"se_mode": se_mode, "backend": backend}
     torch.manual_seed(0)
     model = NETS[net](**kwargs)
     if state is not None:
@@ -105,7 +106,7 @@ def run_e2e(nets, se_modes, dtypes, layouts, providers, device, batch, on_row, s
                     except Exception as exc:  # noqa: BLE001 - one broken config must not end the run
                         row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
                     finally:
-                        model = step = data = target = None  # noqa: F841 - free before the next build
+                        model = step = data = target = None
                     on_row(row)
 
 

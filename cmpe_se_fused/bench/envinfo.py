@@ -43,7 +43,7 @@ def kernel_hash(root: str = REPO_ROOT) -> str | None:
 def git_info(root: str = REPO_ROOT) -> dict:
     def git(*args):
         try:
-            out = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=20)
+            out = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=20, check=False)
             return out.stdout.strip() if out.returncode == 0 else None
         except (OSError, subprocess.SubprocessError):
             return None
@@ -80,10 +80,11 @@ def device_info(device: torch.device) -> dict:
                 "l2_mb": round(getattr(p, "L2_cache_size", 0) / 2**20, 1)}
     name = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     return {"type": "cpu", "name": name, "cores": os.cpu_count(), "threads": torch.get_num_threads()}

@@ -34,7 +34,8 @@ LAYER_SCHEMA = {
     "two_pass_bytes": (int,), "floor_us": (float,), "two_pass_floor_us": (float,),
     "frac_floor": (float, type(None)), "frac_two_pass_floor": (float, type(None)), "GBps": (float, type(None)),
     "speedup_vs_compile": (float, type(None)), "compile_baseline": (str, type(None)),
-    "graph_us": (float, type(None)), "graph_frac_floor": (float, type(None)), "graph_note": (str, type(None)), "err_vs_eager": (float, type(None)),
+    "graph_us": (float, type(None)), "graph_frac_floor": (float, type(None)), "graph_note": (str, type(None)),
+    "err_vs_eager": (float, type(None)),
     "check": (str, type(None)),
 }
 E2E_SCHEMA = {"se_mode": (str,), "images_per_s": (float, type(None)), "overhead_vs_plain": (float, type(None))}
@@ -68,7 +69,8 @@ def layer_row(case, pass_: str, provider: str, copy_gbps: float) -> dict:
             "floor_us": fb / (copy_gbps * 1e3), "two_pass_floor_us": tb / (copy_gbps * 1e3),
             "median_us": None, "reps": None, "iqr_us": None, "frac_floor": None, "frac_two_pass_floor": None,
             "GBps": None, "speedup_vs_eager": None, "speedup_vs_compile": None, "compile_baseline": None,
-            "graph_us": None, "graph_frac_floor": None, "graph_note": None, "peak_mem_mb": None, "mem_vs_eager": None,
+            "graph_us": None, "graph_frac_floor": None, "graph_note": None, "peak_mem_mb": None,
+            "mem_vs_eager": None,
             "err_vs_eager": None, "check": None}
 
 
@@ -129,9 +131,9 @@ def check_row(row: dict) -> list[str]:
         problems.append(f"status {row.get('status')!r} not in {STATUSES}")
     if row.get("status") == "ok" and row.get("median_us") is None:
         problems.append("status ok without median_us")
-    if row.get("kind") == "layer" and row.get("pass") in FLOOR_T and isinstance(row.get("T_bytes"), int):
-        if row.get("floor_bytes") != FLOOR_T[row["pass"]] * row["T_bytes"]:
-            problems.append("floor_bytes != FLOOR_T[pass] * T_bytes")
+    if (row.get("kind") == "layer" and row.get("pass") in FLOOR_T and isinstance(row.get("T_bytes"), int)
+            and row.get("floor_bytes") != FLOOR_T[row["pass"]] * row["T_bytes"]):
+        problems.append("floor_bytes != FLOOR_T[pass] * T_bytes")
     return problems
 
 

@@ -80,8 +80,8 @@ def provider_reasons(name: str, sample: torch.Tensor) -> list[str]:
             return ["compile-max (max-autotune) is a GPU provider"]
         return []
     if base == "triton" and sample.device.type == "cpu":
-        return ["the Triton backend runs on CPU only under the TRITON_INTERPRET interpreter: a test tool, "
-                "not something to time"]
+        return [("the Triton backend runs on CPU only under the TRITON_INTERPRET interpreter: a test tool, "
+                 "not something to time")]
     reasons = list(dispatch.BACKENDS[base].not_supported_reasons(sample))
     if variant and variant not in variants(base):
         reasons.append(f"{base} offers no launch variant {variant!r} (has: {sorted(variants(base))})")

@@ -128,16 +128,16 @@ def _header_text(result) -> list[str]:
     dev, ver, git, bw = m["device"], m["versions"], m["git"], m["copy_bandwidth"]
     return [f"device: {dev['name']} ({dev['type']})",
             f"torch {ver['torch']}, triton {ver['triton']}, CUDA {ver['cuda']}, python {ver['python']}",
-            f"commit {git['short']}{' (dirty)' if git.get('dirty') else ''}, kernel hash "
-            f"{(m['kernel_hash'] or 'n/a')[:16]}",
-            f"preset {m['preset']}, copy bandwidth {bw['GBps']:.1f} GB/s ({bw['method']}, "
-            f"{bw['bytes'] >> 20} MiB), run took {m.get('duration_s', 0):.0f} s"]
+            (f"commit {git['short']}{' (dirty)' if git.get('dirty') else ''}, kernel hash "
+            f"{(m['kernel_hash'] or 'n/a')[:16]}"),
+            (f"preset {m['preset']}, copy bandwidth {bw['GBps']:.1f} GB/s ({bw['method']}, "
+            f"{bw['bytes'] >> 20} MiB), run took {m.get('duration_s', 0):.0f} s")]
 
 
 def write_markdown(result, path):
     parts = ["# cmpe_se_fused benchmark", "", *[f"- {t}" for t in _header_text(result)], "",
-             "Cells: median time, speedup over eager (same run), fraction of the bandwidth floor "
-             "(fwd 3T, bwd 4T, fwd+bwd 7T at the measured copy bandwidth). `floor` is that time.", ""]
+             ("Cells: median time, speedup over eager (same run), fraction of the bandwidth floor "
+             "(fwd 3T, bwd 4T, fwd+bwd 7T at the measured copy bandwidth). `floor` is that time."), ""]
     h, lines = summary_table(result["rows"])
     if lines:
         parts += ["## Summary", "", markdown_table(h, lines), ""]
@@ -212,7 +212,7 @@ def print_console(result, file=None):
 
 def plain_table(header, lines) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
-    fmt = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    fmt = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
 
 
@@ -245,6 +245,8 @@ def write_plot(result, path) -> str | None:
     axes[0].axhline(1.0, color="gray", lw=0.8)
     axes[0].set_ylabel("speedup over eager\n(geomean over modes, dtypes, passes)")
     axes[1].set_ylabel("fraction of bandwidth floor\n(median)")
+    from matplotlib.ticker import PercentFormatter
+    axes[1].yaxis.set_major_formatter(PercentFormatter(1.0))
     axes[1].set_xticks(range(len(shapes)), shapes, fontsize=8)
     axes[0].legend(fontsize=8, ncol=min(len(provs), 6))
     m = result["meta"]

@@ -19,8 +19,17 @@ import torch
 from . import envinfo, metrics, report
 from .config import DTYPES, Case, Preset, limit_reason
 from .e2e import NETS, derive_e2e, run_e2e
-from .providers import (COMPILE_PROVIDERS, TOLERANCE, Inputs, Pass, build, error_vs, launch_context,
-                        provider_reasons, reference_module)
+from .providers import (
+    COMPILE_PROVIDERS,
+    TOLERANCE,
+    Inputs,
+    Pass,
+    build,
+    error_vs,
+    launch_context,
+    provider_reasons,
+    reference_module,
+)
 from .timing import copy_bandwidth, peak_memory_mb, rotation_copies, synchronize, time_cuda_graph, time_fn
 
 PHASE_DEADLINE = {"core": 0.70, "e2e": 0.80, "compile": 0.92, "variants": 0.97, "compile-max": 1.0}
@@ -47,6 +56,8 @@ class Options:
     compare_path: str | None = None
     threshold: float = 0.10
     compile_all: bool = False
+    copy_bytes: int | None = None
+    cpu_min_time: float | None = None   # blocked_autorange min_run_time (default 0.1 s quick, 0.3 s otherwise)
     argv: list = field(default_factory=list)
 
 
@@ -159,7 +170,7 @@ class Runner:
                 p = Pass(ps, module, params, inputs, case.training)
                 try:
                     p.prepare()
-                    t = time_fn(p, inputs.n, dev, quick=o.quick_timing)
+                    t = time_fn(p, inputs.n, dev, quick=o.quick_timing, cpu_min_time=o.cpu_min_time)
                     row.update(status="ok", median_us=float(t.median_us), reps=int(t.reps),
                                iqr_us=None if t.iqr_us is None else float(t.iqr_us))
                     if ps == "fwdbwd":
@@ -213,7 +224,7 @@ class Runner:
                 self.notes.append(f"CPU busy when the run started (load average {load:.1f} on {os.cpu_count()} "
                                   f"cores): CPU times are inflated, compare ratios only")
         _log(f"[bench] {meta['device']['name']}: measuring copy bandwidth")
-        meta["copy_bandwidth"] = copy_bandwidth(o.device)
+        meta["copy_bandwidth"] = copy_bandwidth(o.device, o.copy_bytes)
         self.gbps = meta["copy_bandwidth"]["GBps"]
         _log(f"[bench] copy bandwidth {self.gbps:.1f} GB/s; {len(o.cases)} cases x {len(o.passes)} passes, "
              f"providers {', '.join(o.providers)}")

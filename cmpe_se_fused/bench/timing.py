@@ -33,7 +33,8 @@ def cache_bytes(device: torch.device) -> int:
     sizes = []
     for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
         try:
-            text = open(path).read().strip().upper()
+            with open(path) as f:
+                text = f.read().strip().upper()
             mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
             sizes.append(int(text.rstrip("KMG")) * mult)
         except (OSError, ValueError):
@@ -57,7 +58,7 @@ def _iqr(xs):
 def time_cuda(fn, n_copies: int, warmup_ms: float = 10.0, rep_ms: float = 40.0, min_reps: int = 10,
               max_reps: int = 1000) -> Timing:
     """Median of per-call CUDA-event times (microseconds), do_bench style."""
-    ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+    ev = lambda: torch.cuda.Event(enable_timing=True)
     fn(0)
     torch.cuda.synchronize()
     start, end = ev(), ev()
@@ -103,7 +104,7 @@ def time_cuda_graph(fn, n_copies: int, prepare=None, replays: int = 20) -> Timin
         for _ in range(3):
             graph.replay()
         torch.cuda.synchronize()
-        ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+        ev = lambda: torch.cuda.Event(enable_timing=True)
         pairs = [(ev(), ev()) for _ in range(replays)]
         for s, e in pairs:
             s.record()
@@ -133,10 +134,10 @@ def time_cpu(fn, n_copies: int, min_run_time: float = 0.2) -> Timing:
     return Timing(m.median * 1e6, len(m.times) * m.number_per_run, _iqr(times))
 
 
-def time_fn(fn, n_copies: int, device: torch.device, quick: bool = False) -> Timing:
+def time_fn(fn, n_copies: int, device: torch.device, quick: bool = False, cpu_min_time: float | None = None) -> Timing:
     if device.type == "cuda":
         return time_cuda(fn, n_copies, rep_ms=25.0 if quick else 40.0)
-    return time_cpu(fn, n_copies, min_run_time=0.1 if quick else 0.3)
+    return time_cpu(fn, n_copies, min_run_time=cpu_min_time or (0.1 if quick else 0.3))
 
 
 def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
@@ -145,9 +146,13 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
     nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (256 << 20))
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    fn = lambda i: dst.copy_(src)  # noqa: E731
+    bufs = [src, dst]
+
+    def fn(_i):
+        bufs[1].copy_(bufs[0])
+
     t = time_cuda(fn, 1, rep_ms=100.0) if device.type == "cuda" else time_cpu(fn, 1, min_run_time=0.5)
-    del src, dst
+    bufs.clear()
     return {"bytes": nbytes, "median_us": t.median_us, "GBps": 2 * nbytes / (t.median_us * 1e-6) / 1e9,
             "method": "cuda device-to-device copy_" if device.type == "cuda"
             else f"Tensor.copy_ on {torch.get_num_threads()} threads"}

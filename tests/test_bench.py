@@ -1,0 +1,210 @@
+"""The benchmark suite (cmpe_se_fused.bench): floor bookkeeping, row schema, --compare, and tiny
+runs of every provider usable on CPU. Small and fast: no GPU, shapes of a few KB."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from cmpe_se_fused.bench import __main__ as cli
+from cmpe_se_fused.bench import config, e2e, metrics, report
+from cmpe_se_fused.bench.config import Case, Shape
+from cmpe_se_fused.bench.runner import Options, Runner
+from cmpe_se_fused.dispatch import BACKENDS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = Shape("tiny", "s1", 4, 32, 4, 4, 8, 2)       # folded_3x3: 8 rows x 8 columns, e = 2
+CPU = torch.device("cpu")
+HAS_CPU_BACKEND = not BACKENDS["cpu"].not_supported_reasons()
+
+
+def tiny_options(tmp_path, providers, modes=("se", "folded_3x3"), phases=("train", "eval"), passes=config.PASSES,
+                 **kw) -> Options:
+    preset = config.Preset("test", "tiny test preset", [TINY], modes=modes)
+    cases = config.make_cases([TINY], modes, ("fp32",), ("nchw",), phases)
+    return Options(preset=preset, device=CPU, cases=cases, passes=passes, providers=providers, out=str(tmp_path),
+                   quick_timing=True, plot=False, copy_bytes=8 << 20, cpu_min_time=0.02, **kw)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the tests check bookkeeping, not speed, and a busy 2-core machine
+    makes OpenMP barriers slow."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- floors ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,itemsize", [("fp32", 4), ("bf16", 2), ("fp16", 2)])
+def test_floor_bytes(dtype, itemsize):
+    t = metrics.activation_bytes(128, 160, 32, 32, dtype)
+    assert t == 128 * 160 * 32 * 32 * itemsize
+    assert [metrics.floor_bytes(p, t) for p in ("fwd", "bwd", "fwdbwd")] == [3 * t, 4 * t, 7 * t]
+    assert [metrics.two_pass_bytes(p, t) for p in ("fwd", "bwd", "fwdbwd")] == [5 * t, 5 * t, 10 * t]
+
+
+def test_layer_row_floor_time_at_copy_bandwidth():
+    case = Case(TINY, "se", "bf16", "cl", "train")
+    row = metrics.layer_row(case, "bwd", "cuda", copy_gbps=2000.0)
+    t = 4 * 32 * 4 * 4 * 2
+    assert row["T_bytes"] == t and row["floor_bytes"] == 4 * t and row["two_pass_bytes"] == 5 * t
+    assert row["floor_us"] == pytest.approx(4 * t / 2000e9 * 1e6)
+    assert row["two_pass_floor_us"] == pytest.approx(5 * t / 2000e9 * 1e6)
+
+
+def test_derive_speedups_floor_fraction_and_best_compile():
+    case = Case(TINY, "se", "fp32", "nchw", "train")
+    rows = []
+    for prov, us, mem in (("eager", 100.0, 40.0), ("compile", 50.0, 20.0), ("compile-max", 40.0, 20.0),
+                          ("cuda", 10.0, 10.0)):
+        r = metrics.layer_row(case, "fwdbwd", prov, copy_gbps=1.0)
+        r.update(status="ok", median_us=us, peak_mem_mb=mem)
+        rows.append(r)
+    metrics.derive(rows)
+    eager, _, _, cuda = rows
+    assert eager["speedup_vs_eager"] == pytest.approx(1.0)
+    assert cuda["speedup_vs_eager"] == pytest.approx(10.0)
+    assert cuda["speedup_vs_compile"] == pytest.approx(4.0) and cuda["compile_baseline"] == "compile-max"
+    assert cuda["frac_floor"] == pytest.approx(cuda["floor_us"] / 10.0)
+    assert cuda["GBps"] == pytest.approx(cuda["floor_bytes"] / 10e3)
+    assert cuda["mem_vs_eager"] == pytest.approx(0.25)
+    for r in rows:
+        assert metrics.check_row(r) == []
+
+
+# -- --compare ---------------------------------------------------------------------------------
+
+def test_compare_flags_rows_more_than_threshold_slower():
+    case = Case(TINY, "se", "fp32", "nchw", "eval")
+    old, new = [], []
+    for prov, t_old, t_new in (("eager", 100.0, 105.0), ("cpu", 10.0, 12.0), ("compile", 50.0, 30.0)):
+        for rows, t in ((old, t_old), (new, t_new)):
+            r = metrics.layer_row(case, "fwd", prov, 1.0)
+            r.update(status="ok", median_us=t)
+            rows.append(r)
+    skipped = metrics.layer_row(case, "bwd", "cpu", 1.0)  # not ok: never compared
+    res = metrics.compare(new + [skipped], old + [skipped], threshold=0.10)
+    assert res["matched"] == 3
+    assert [i["key"].split("|")[-1] for i in res["regressions"]] == ["cpu"]
+    assert res["regressions"][0]["ratio"] == pytest.approx(1.2)
+    assert [i["key"].split("|")[-1] for i in res["improvements"]] == ["compile"]
+
+
+# -- tiny runs -----------------------------------------------------------------------------------
+
+def _check_result(tmp_path, result):
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["schema"] == report.SCHEMA_VERSION
+    meta = data["meta"]
+    for key in ("device", "versions", "git", "kernel_hash", "copy_bandwidth", "preset", "complete"):
+        assert key in meta, key
+    assert meta["complete"] and meta["copy_bandwidth"]["GBps"] > 0
+    assert set(meta["versions"]) >= {"torch", "triton", "cuda", "python"}
+    for row in data["rows"]:
+        assert metrics.check_row(row) == [], row
+    assert (tmp_path / "bench.md").read_text().startswith("# cmpe_se_fused benchmark")
+    return data["rows"]
+
+
+def test_tiny_run_eager_and_cpu_backend(tmp_path):
+    providers = ("eager", "cpu", "triton")
+    result = Runner(tiny_options(tmp_path, providers)).run()
+    rows = _check_result(tmp_path, result)
+    n_cases = 2 * 2  # modes x phases
+    assert len(rows) == n_cases * len(config.PASSES) * len(providers)
+    eager = [r for r in rows if r["provider"] == "eager"]
+    assert all(r["status"] == "ok" and r["median_us"] > 0 and r["speedup_vs_eager"] == pytest.approx(1.0)
+               for r in eager)
+    # triton on CPU is the interpreter: recorded as skipped with the reason, never timed
+    assert all(r["status"] == "skipped" and "interpreter" in r["reason"] for r in rows if r["provider"] == "triton")
+    cpu = [r for r in rows if r["provider"] == "cpu"]
+    if HAS_CPU_BACKEND:
+        assert all(r["status"] == "ok" and r["check"] == "ok" for r in cpu), [r["reason"] for r in cpu]
+        assert all(r["frac_floor"] > 0 and r["speedup_vs_eager"] > 0 for r in cpu)
+    else:
+        assert all(r["status"] == "skipped" and "_C" in r["reason"] for r in cpu)
+
+
+@pytest.mark.slow
+def test_tiny_run_compile(tmp_path):
+    """One torch.compile (train, fwd+bwd graph): slow-ish on CPU, so one case and two passes."""
+    opts = tiny_options(tmp_path, ("eager", "compile"), modes=("se",), phases=("train",), passes=("fwd", "bwd"))
+    rows = _check_result(tmp_path, Runner(opts).run())
+    comp = [r for r in rows if r["provider"] == "compile"]
+    assert len(comp) == 2 and all(r["status"] == "ok" for r in comp), [r["reason"] for r in comp]
+    assert all(r["err_vs_eager"] is not None and r["check"] == "ok" for r in comp)
+    eager = [r for r in rows if r["provider"] == "eager"]
+    assert all(r["speedup_vs_compile"] is not None and r["compile_baseline"] == "compile" for r in eager)
+
+
+def test_preset_limits_and_budget_are_recorded_as_skips(tmp_path):
+    opts = tiny_options(tmp_path, ("eager", "compile"), modes=("se",), passes=("fwd",))
+    opts.preset.limits = {"compile": {"phase": ("train",)}}
+    opts.budget_s = 0.0  # every phase is over budget from the start
+    rows = _check_result(tmp_path, Runner(opts).run())
+    assert {r["status"] for r in rows} == {"skipped"}
+    assert any("time budget" in r["reason"] for r in rows)
+    assert any("only on phase=train" in r["reason"] for r in rows if r["provider"] == "compile")
+
+
+def test_compare_through_runner(tmp_path):
+    opts = tiny_options(tmp_path / "a", ("eager",), modes=("se",), phases=("eval",), passes=("fwd",))
+    first = Runner(opts).run()
+    old = json.loads(json.dumps(first))
+    for r in old["rows"]:
+        r["median_us"] = r["median_us"] / 100  # the old run was 100x faster: every row regressed
+    opts2 = tiny_options(tmp_path / "b", ("eager",), modes=("se",), phases=("eval",), passes=("fwd",),
+                         compare=old, compare_path="old.json")
+    res = Runner(opts2).run()["compare"]
+    assert res["matched"] == 1 and len(res["regressions"]) == 1 and res["regressions"][0]["ratio"] > 2
+    assert "REGRESSION" in (tmp_path / "b" / "bench.md").read_text()
+
+
+def test_e2e_rows_on_a_tiny_network(monkeypatch):
+    from cmpe_se_fused.models import preact_resnet
+    monkeypatch.setitem(e2e.NETS, "tiny", lambda **kw: preact_resnet(8, num_classes=100, **kw))
+    rows = []
+    providers = ("eager", "cpu") if HAS_CPU_BACKEND else ("eager",)
+    e2e.run_e2e(["tiny"], ("se",), ("fp32",), ("nchw",), providers, CPU, 2, on_row=rows.append)
+    metrics.derive(rows)
+    e2e.derive_e2e(rows)
+    assert [r["provider"] for r in rows] == ["plain", *providers]
+    assert all(r["status"] == "ok" and metrics.check_row(r) == [] for r in rows), rows
+    assert rows[1]["overhead_vs_plain"] is not None and rows[1]["speedup_vs_eager"] == pytest.approx(1.0)
+
+
+# -- CLI, presets, gpu_check.sh ----------------------------------------------------------------
+
+def test_cli_list_and_errors(capsys):
+    assert cli.main(["--list", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet164/s1" in out and "providers eager,compile,cpu" in out
+    assert cli.main(["--list", "--modes", "bogus"]) == 2
+    assert cli.main(["--list", "--providers", "nonsense"]) == 2
+
+
+def test_presets_follow_the_paper_configs():
+    wrn = {s.stage: s for s in config.PRESETS["wrn28-10"].shapes}
+    assert (wrn["s1"].c, wrn["s1"].h, wrn["s1"].fold_width, wrn["s1"].pair_filters) == (160, 32, 16, 10)
+    assert (wrn["s3"].c, wrn["s3"].h, wrn["s3"].fold_width, wrn["s3"].pair_filters) == (640, 8, 64, 40)
+    r164 = [(s.c, s.h, s.fold_width, s.pair_filters) for s in config.PRESETS["resnet164"].shapes]
+    assert r164 == [(64, 32, 16, 1), (128, 16, 16, 2), (256, 8, 16, 4)]
+    r50 = config.PRESETS["resnet50"].shapes
+    assert {s.n for s in r50} == {64, 256} and {(s.c, s.h) for s in r50} == {(256, 56), (512, 28), (1024, 14),
+                                                                           (2048, 7)}
+    gpu = config.PRESETS["gpu"]
+    cases = config.make_cases(gpu.shapes, gpu.modes, gpu.dtypes["cuda"], gpu.layouts, gpu.phases)
+    assert len(cases) == 6 * 2 * 2 * 2 * 2 and all(s.n == 128 for s in gpu.shapes)
+
+
+def test_gpu_check_script_syntax_and_usage():
+    script = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script], check=False).returncode == 0
+    res = subprocess.run(["bash", script], capture_output=True, text=True, check=False)
+    assert res.returncode == 2 and "usage" in res.stderr
