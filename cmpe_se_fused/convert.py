@@ -199,13 +199,13 @@ def convert_model(model: nn.Module, backend: str = "auto", inplace: bool = False
     def fn(m):
         if not is_cmpe_se_layer(m):
             return None
-        if isinstance(m, CMPESE) and m.backend == backend:
+        bn = getattr(m, "pair_bn", None)
+        if isinstance(m, CMPESE) and m.backend == backend and not isinstance(bn, nn.SyncBatchNorm):
             return m
         cfg = layer_config(m)
         if isinstance(m, SyncCMPESE):
             return _adopt(SyncCMPESE, m, cfg, backend=backend, process_group=m.process_group)
-        bn = getattr(m, "pair_bn", None)
-        if isinstance(bn, nn.SyncBatchNorm):
+        if isinstance(bn, nn.SyncBatchNorm):  # torch's converter reached pair_bn: the fused op would ignore it
             new = _adopt(SyncCMPESE, m, cfg, backend=backend, process_group=bn.process_group)
             new.pair_bn = _plain_bn(bn)
             return new

@@ -195,3 +195,11 @@ def test_sync_batchnorm_pair_bn_becomes_sync_layer(mode):
     back = convert_model(fused, backend="auto")
     assert type(back) is SyncCMPESE and back.backend == "auto"
     assert type(revert_model(back)) is CMPESEReference
+
+
+def test_fused_layer_with_torch_sync_batchnorm_becomes_sync_layer():
+    fused = CMPESE(16, mode="pair_2x1", pair_filters=2, backend="reference")
+    fused = nn.SyncBatchNorm.convert_sync_batchnorm(fused)  # torch's converter reaches pair_bn too
+    out = convert_model(fused, backend="reference")
+    assert type(out) is SyncCMPESE and type(out.pair_bn) is nn.BatchNorm2d
+    assert_state_equal(fused, out)
