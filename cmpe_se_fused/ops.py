@@ -101,6 +101,19 @@ def _fake_backward(grad_y, u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, 
 _N_FORWARD_ARGS = 16
 
 
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on ``grad``; differentiating through it raises (the op is once-differentiable)."""
+
+    @staticmethod
+    def forward(ctx, grad, anchor):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("cmpe_se: double backward is not supported; the CMPE-SE op is once-differentiable "
+                           "(use backend='reference' for higher-order gradients)")
+
+
 def _make_autograd(forward_op, backward_op):
     class CMPESEFunction(torch.autograd.Function):
         """``Y = gate * U + X`` through ``forward_op``; gradients through ``backward_op``."""
@@ -119,11 +132,16 @@ def _make_autograd(forward_op, backward_op):
             return outs
 
         @staticmethod
-        @torch.autograd.function.once_differentiable
         def backward(ctx, grad_y, *_unused):
             mode, training, fold_width, padding = ctx.config
             saved = ctx.saved_tensors
-            grads = backward_op(grad_y, *saved, mode, training, fold_width, padding)
+            with torch.no_grad():
+                grads = backward_op(grad_y, *saved, mode, training, fold_width, padding)
+            if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
+                anchor = next((t for t in saved if t is not None and t.requires_grad), None)
+                if anchor is not None or grad_y.requires_grad:
+                    anchor = grad_y if anchor is None else anchor
+                    grads = tuple(_NoDoubleBackward.apply(g, anchor) for g in grads)
             g_u, g_x, g_fc1, g_fc1_id, g_fc2, g_pair, g_bn_w, g_bn_b = grads
             present = (lambda g, t: g if t is not None else None)  # noqa: E731
             _u, _pu, _px, _g, _h, _m, _s, fc1, fc1_id, fc2, pair_w, bn_w, bn_b = saved

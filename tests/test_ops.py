@@ -42,7 +42,6 @@ def test_schemas_match_python_strings():
 @pytest.mark.parametrize("mode,training", CASES)
 def test_opcheck_forward(mode, training):
     torch.library.opcheck(torch.ops.cmpe_se.forward.default, _op_args(mode, training, requires_grad=True))
-    torch.library.opcheck(torch.ops.cmpe_se.forward.default, _op_args(mode, training, torch.float32))
 
 
 @needs_c
@@ -59,7 +58,7 @@ def test_opcheck_backward(mode, training):
 @needs_c
 @pytest.mark.parametrize("mode,training", CASES)
 def test_gradcheck_through_op(mode, training):
-    args = _op_args(mode, training, requires_grad=True)
+    args = _op_args(mode, training, requires_grad=True, shape=(3, 8, 2, 1))
     tensors = [i for i, a in enumerate(args[:8]) if isinstance(a, torch.Tensor)]
     stats = (args[8].clone(), args[9].clone())
 
@@ -70,7 +69,7 @@ def test_gradcheck_through_op(mode, training):
         full[8], full[9] = stats[0].clone(), stats[1].clone()
         return torch.ops.cmpe_se.forward(*full)[0]
 
-    assert torch.autograd.gradcheck(f, [args[i] for i in tensors], eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(f, [args[i] for i in tensors], eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 @needs_c
@@ -78,7 +77,7 @@ def test_double_backward_raises():
     args = _op_args("folded_3x3", True, requires_grad=True)
     y = torch.ops.cmpe_se.forward(*args)[0]
     (gu,) = torch.autograd.grad(y.sum(), args[0], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice|double backward"):
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
         gu.sum().backward()
 
 
