@@ -129,6 +129,18 @@ def _hidden(pu_row, px_row, w1, w1i, weff, beff, C, R, R_TOT, DZ,
 
 
 @triton.jit
+def _rows_times(w, mat, JP: tl.constexpr):
+    """``out[i, :] = mat @ w[i, :]`` for symmetric ``mat`` [JP, JP], without a 3D register tile."""
+    jj = tl.arange(0, JP)
+    out = tl.zeros_like(w)
+    for j in tl.static_range(JP):
+        wj = tl.sum(tl.where(jj[None, :] == j, w, 0.0), axis=1)
+        row = tl.sum(tl.where(jj[:, None] == j, mat, 0.0), axis=0)
+        out += wj[:, None] * row[None, :]
+    return out
+
+
+@triton.jit
 def _sample_moments(pu_row, px_row, dv_row, mom_row, DM, MODE: tl.constexpr, JP: tl.constexpr,
                     FOLD_M: tl.constexpr, FOLD_ROWS: tl.constexpr, OC: tl.constexpr, PAD: tl.constexpr,
                     ACC: tl.constexpr, DO_DV: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -198,7 +210,7 @@ def _bn_stats_kernel(mom, pw, bn_mean, bn_invstd, run_mean, run_var, N, DM, E,
     em = ei < E
     w = tl.load(pw + ei[:, None] * J + jj[None, :], mask=em[:, None] & (jj[None, :] < J), other=0.0)
     mu = tl.sum(w * mq[None, :], axis=1)
-    var = tl.sum(tl.sum(w[:, :, None] * cov[None, :, :] * w[:, None, :], axis=2), axis=1)
+    var = tl.sum(w * _rows_times(w, cov, JP), axis=1)
     var = tl.maximum(var, 0.0)
     eps = _split_float(eps_hi, eps_lo, ACC)
     momentum = _split_float(mom_hi, mom_lo, ACC)
@@ -244,13 +256,12 @@ def _mlp_backward_sample(n, dg, hidden, w1, w1i, w2, dhp, dz, C, R, R_TOT, DZ, D
 
 
 @triton.jit
-def _mlp_backward_kernel(dg, hidden, w1, w1i, w2, dhp, dz, pu, px, mom, C, R, R_TOT, DZ, DZO,
-                         MODE: tl.constexpr, JP: tl.constexpr, FOLD_M: tl.constexpr,
-                         FOLD_ROWS: tl.constexpr, OC: tl.constexpr, PAD: tl.constexpr,
-                         MOMENTS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Grid (N,): the MLP backward of one sample, then (pair modes) its patch/dv moments."""
-    n = tl.program_id(0)
+def _small_backward_sample(n, dg, hidden, w1, w1i, w2, dhp, dz, pu, px, mom, C, R, R_TOT, DZ, DZO,
+                           MODE: tl.constexpr, JP: tl.constexpr, FOLD_M: tl.constexpr,
+                           FOLD_ROWS: tl.constexpr, OC: tl.constexpr, PAD: tl.constexpr,
+                           MOMENTS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The MLP backward of sample n, then (pair modes) its patch/dv moments."""
     _mlp_backward_sample(n, dg, hidden, w1, w1i, w2, dhp, dz, C, R, R_TOT, DZ, DZO,
                          MODE, ACC, BLOCK_C, BLOCK_K, BLOCK_R)
     if MOMENTS:
@@ -261,18 +272,74 @@ def _mlp_backward_kernel(dg, hidden, w1, w1i, w2, dhp, dz, pu, px, mom, C, R, R_
 
 
 @triton.jit
+def _mlp_backward_kernel(dg, hidden, w1, w1i, w2, dhp, dz, pu, px, mom, C, R, R_TOT, DZ, DZO,
+                         MODE: tl.constexpr, JP: tl.constexpr, FOLD_M: tl.constexpr,
+                         FOLD_ROWS: tl.constexpr, OC: tl.constexpr, PAD: tl.constexpr,
+                         MOMENTS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Grid (N,): :func:`_small_backward_sample` (when the grad-gate kernel ran in chunks)."""
+    _small_backward_sample(tl.program_id(0), dg, hidden, w1, w1i, w2, dhp, dz, pu, px, mom, C, R, R_TOT, DZ, DZO,
+                           MODE, JP, FOLD_M, FOLD_ROWS, OC, PAD, MOMENTS, ACC, BLOCK_C, BLOCK_K, BLOCK_R, BLOCK_M)
+
+
+@triton.jit
+def _pair_cell_grad(pu_row, px_row, dv_row, coef, c, cm, FLOW: tl.constexpr, TRAINING: tl.constexpr,
+                    MODE: tl.constexpr, J: tl.constexpr, JP: tl.constexpr, FOLD_M: tl.constexpr,
+                    FOLD_ROWS: tl.constexpr, OC: tl.constexpr, PAD: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """Transposed pair-view conv, gather form: gradient of pool ``FLOW`` (0 u, 1 x) of channels
+    ``c``: the sum over taps j of ``dq_j`` at the map position that tap j reads this cell from."""
+    OR: tl.constexpr = FOLD_ROWS - 2 + 2 * PAD
+    jj = tl.arange(0, JP)
+    mq = tl.load(coef + JP + jj)
+    acc = tl.zeros([BLOCK_C], dtype=ACC)
+    for j in tl.static_range(J):
+        if (MODE != 2) or (j == FLOW):
+            if MODE == 4:
+                orow = 2 * (c // FOLD_M) + FLOW - j // 3 + PAD
+                ocol = c % FOLD_M - j % 3 + PAD
+                valid = cm & (orow >= 0) & (orow < OR) & (ocol >= 0) & (ocol < OC)
+                pos = orow * OC + ocol
+            elif MODE == 3:
+                pos = 2 * c + FLOW
+                valid = cm
+            else:
+                pos = c
+                valid = cm
+            dv = tl.load(dv_row + pos, mask=valid, other=0.0)
+            val = tl.load(coef + j) * dv + tl.load(coef + 2 * JP + j)
+            if TRAINING:
+                brow = tl.load(coef + 3 * JP + j * JP + jj)
+                q = _patch(pu_row, px_row, pos[:, None], jj[None, :], valid[:, None], MODE, FOLD_M, FOLD_ROWS, OC, PAD)
+                val += tl.sum((q - mq[None, :]) * brow[None, :], axis=1)
+            acc += tl.where(valid, val, 0.0)
+    return acc
+
+
+@triton.jit
 def _weight_grad_kernel(dg, hidden, dhp, pu, px, pw, gamma, beta, bn_mean, bn_invstd,
-                        dw1, dw1i, dw2, N, C, R, R_TOT, DZ, E, NB_W2,
+                        dw1, dw1i, dw2, dz, coef, dpool, N, C, R, R_TOT, DZ, E, NB_W2, NB_W,
                         MODE: tl.constexpr, J: tl.constexpr, JP: tl.constexpr, FOLD_M: tl.constexpr,
-                        FOLD_ROWS: tl.constexpr, OC: tl.constexpr, PAD: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_E: tl.constexpr):
-    """``dW2 = dg^T h`` (programs [0, NB_W2)) and ``dW1 = dh_pre^T z`` (the rest): one tile each,
-    samples summed in order (deterministic, no atomics)."""
+                        FOLD_ROWS: tl.constexpr, OC: tl.constexpr, PAD: tl.constexpr, TRAINING: tl.constexpr,
+                        ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_E: tl.constexpr, BLOCK_CP: tl.constexpr):
+    """``dW2 = dg^T h`` (programs [0, NB_W2)), ``dW1 = dh_pre^T z`` ([NB_W2, NB_W)): one tile each,
+    samples summed in order (deterministic, no atomics). Pair modes: programs [NB_W, NB_W + N)
+    scatter the patch gradients of one sample back onto its pools (``dpool[n] = [du; dx]``)."""
     pid = tl.program_id(0)
     ii = tl.arange(0, BLOCK_R)
     rm = ii < R_TOT
-    if pid < NB_W2:
+    if pid >= NB_W:
+        if MODE >= 2:
+            n = pid - NB_W
+            for c0 in range(0, C, BLOCK_CP):
+                c = c0 + tl.arange(0, BLOCK_CP)
+                cm = c < C
+                for f in tl.static_range(2):
+                    d = _pair_cell_grad(pu + n * C, px + n * C, dz + n * DZ, coef, c, cm, f, TRAINING, MODE, J, JP,
+                                        FOLD_M, FOLD_ROWS, OC, PAD, ACC, BLOCK_CP)
+                    tl.store(dpool + n * 2 * C + f * C + c, d, mask=cm)
+    elif pid < NB_W2:
         c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = c < C
         acc = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
@@ -337,11 +404,14 @@ def _pair_backward_stats_kernel(mom, pw, gamma, bn_mean, bn_invstd, dpw, dgamma,
     gs = g * sd
     weff = tl.sum(gs[:, None] * w, axis=0) / E
     if TRAINING:
-        c2w = tl.sum(c2[None, :, :] * w[:, None, :], axis=2)
+        c2w = _rows_times(w, c2, JP)
         snq = sd[:, None] * (c2w + m_count * delta[:, None] * mq[None, :])
         dw = gs[:, None] * (s1c[None, :] / E - (dgam / m_count)[:, None] * snq)
         t = gs * sd * dgam / m_count
-        bmat = -tl.sum(t[:, None, None] * w[:, :, None] * w[:, None, :], axis=0)
+        bmat = tl.zeros([JP, JP], dtype=ACC)
+        for j in tl.static_range(JP):  # B = -sum_i t_i w_i w_i^T, row by row
+            tw = t * tl.sum(tl.where(jj[None, :] == j, w, 0.0), axis=1)
+            bmat -= tl.where(jj[:, None] == j, tl.sum(tw[:, None] * w, axis=0)[None, :], 0.0)
         cvec = -tl.sum((t * delta)[:, None] * w, axis=0) - weff * s0 / m_count
     else:
         dw = gs[:, None] * (s1c[None, :] + s0 * mq[None, :]) / E
@@ -354,37 +424,3 @@ def _pair_backward_stats_kernel(mom, pw, gamma, bn_mean, bn_invstd, dpw, dgamma,
     tl.store(coef + JP + jj, mq)
     tl.store(coef + 2 * JP + jj, cvec)
     tl.store(coef + 3 * JP + jj[:, None] * JP + jj[None, :], bmat)
-
-
-@triton.jit
-def _pair_cell_grad(pu_row, px_row, dv_row, coef, c, cm, FLOW: tl.constexpr, TRAINING: tl.constexpr,
-                    MODE: tl.constexpr, J: tl.constexpr, JP: tl.constexpr, FOLD_M: tl.constexpr,
-                    FOLD_ROWS: tl.constexpr, OC: tl.constexpr, PAD: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
-    """Transposed pair-view conv, gather form: gradient of pool ``FLOW`` (0 u, 1 x) of channels
-    ``c``: the sum over taps j of ``dq_j`` at the map position that tap j reads this cell from."""
-    OR: tl.constexpr = FOLD_ROWS - 2 + 2 * PAD
-    jj = tl.arange(0, JP)
-    mq = tl.load(coef + JP + jj)
-    acc = tl.zeros([BLOCK_C], dtype=ACC)
-    for j in tl.static_range(J):
-        if (MODE != 2) or (j == FLOW):
-            if MODE == 4:
-                orow = 2 * (c // FOLD_M) + FLOW - j // 3 + PAD
-                ocol = c % FOLD_M - j % 3 + PAD
-                valid = cm & (orow >= 0) & (orow < OR) & (ocol >= 0) & (ocol < OC)
-                pos = orow * OC + ocol
-            elif MODE == 3:
-                pos = 2 * c + FLOW
-                valid = cm
-            else:
-                pos = c
-                valid = cm
-            dv = tl.load(dv_row + pos, mask=valid, other=0.0)
-            val = tl.load(coef + j) * dv + tl.load(coef + 2 * JP + j)
-            if TRAINING:
-                brow = tl.load(coef + 3 * JP + j * JP + jj)
-                q = _patch(pu_row, px_row, pos[:, None], jj[None, :], valid[:, None], MODE, FOLD_M, FOLD_ROWS, OC, PAD)
-                val += tl.sum((q - mq[None, :]) * brow[None, :], axis=1)
-            acc += tl.where(valid, val, 0.0)
-    return acc

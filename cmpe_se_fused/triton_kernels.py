@@ -27,6 +27,7 @@ Accumulation is fp32 (fp64 for fp64 inputs); weight gradients are reduced in a f
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import struct
@@ -66,8 +67,8 @@ def is_available() -> tuple[bool, str]:
 
 if triton is not None:
     from ._triton_small import (_bn_affine, _bn_stats_kernel, _hidden, _load_bn_stats, _mlp_backward_kernel,
-                                _pair_backward_stats_kernel, _pair_cell_grad, _sample_moments, _split_float,
-                                _weight_grad_kernel)
+                                _pair_backward_stats_kernel, _sample_moments, _small_backward_sample,
+                                _split_float, _weight_grad_kernel)
 
     @triton.jit
     def _sp(p, W, s_h, s_w, FLAT: tl.constexpr):
@@ -194,11 +195,15 @@ if triton is not None:
                          out.to(y.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _grad_gate_kernel(dy, u, gate, dg, C, P, W, CPP,
+    def _grad_gate_kernel(dy, u, gate, dg, hidden, w1, w1i, w2, dhp, dz, pu, px, mom, C, P, W, CPP, R, R_TOT, DZ, DZO,
                           sd_n, sd_c, sd_h, sd_w, su_n, su_c, su_h, su_w,
+                          MODE: tl.constexpr, JP: tl.constexpr, FOLD_M: tl.constexpr, FOLD_ROWS: tl.constexpr,
+                          OC: tl.constexpr, PAD: tl.constexpr, SMALL: tl.constexpr,
                           FLAT_D: tl.constexpr, FLAT_U: tl.constexpr, ACC: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        """Grid (N, chunks): ``dg = sum_p(dY * U) * s * (1 - s)``."""
+                          BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CS: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Grid (N, chunks): ``dg = sum_p(dY * U) * s * (1 - s)``; SMALL (chunks == 1): then the
+        sample's MLP backward and (pair modes) moments, saving the ``_mlp_backward_kernel`` launch."""
         n = tl.program_id(0)
         c_lo = tl.program_id(1) * CPP
         c_hi = tl.minimum(c_lo + CPP, C)
@@ -217,16 +222,19 @@ if triton is not None:
                 acc += dd.to(ACC) * uu.to(ACC)
             s = tl.load(gate + n * C + c, mask=cm, other=0.0)
             tl.store(dg + n * C + c, tl.sum(acc, axis=1) * s * (1.0 - s), mask=cm)
+        if SMALL:
+            tl.debug_barrier()  # dg of this sample was written by other threads of this program
+            _small_backward_sample(n, dg, hidden, w1, w1i, w2, dhp, dz, pu, px, mom, C, R, R_TOT, DZ, DZO, MODE, JP,
+                                   FOLD_M, FOLD_ROWS, OC, PAD, MODE >= 2, ACC, BLOCK_CS, BLOCK_K, BLOCK_R, BLOCK_M)
 
     @triton.jit
-    def _input_grad_kernel(dy, gate, dz, pu, px, coef, du_out, dx_out, C, P, W, DZO, CPP,
-                           sd_n, sd_c, sd_h, sd_w, so_n, so_c, so_h, so_w,
-                           MODE: tl.constexpr, J: tl.constexpr, JP: tl.constexpr, FOLD_M: tl.constexpr,
-                           FOLD_ROWS: tl.constexpr, OC: tl.constexpr, PAD: tl.constexpr, TRAINING: tl.constexpr,
+    def _input_grad_kernel(dy, gate, dpool, du_out, dx_out, C, P, W, DPS, CPP,
+                           sd_n, sd_c, sd_h, sd_w, so_n, so_c, so_h, so_w, HAS_DX: tl.constexpr,
                            FLAT_D: tl.constexpr, FLAT_O: tl.constexpr, ACC: tl.constexpr,
                            BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        """Grid (N, chunks): pool gradients of ``CPP`` channels, then ``dU = s*dY + du/P``,
-        ``dX = dY + dx/P`` (grad_u and grad_x share strides: both follow U)."""
+        """Grid (N, chunks): ``dU = s*dY + du/P``, ``dX = dY + dx/P`` from the pool gradients
+        ``dpool[n] = [du (C); dx (C)]`` (row stride DPS; se: no dx). grad_u and grad_x share
+        strides: both follow U."""
         n = tl.program_id(0)
         c_lo = tl.program_id(1) * CPP
         c_hi = tl.minimum(c_lo + CPP, C)
@@ -237,17 +245,11 @@ if triton is not None:
             c = c0 + tl.arange(0, BLOCK_C)
             cm = c < c_hi
             s = tl.load(gate + n * C + c, mask=cm, other=0.0)
-            if MODE == 0:
-                du = tl.load(dz + n * DZO + c, mask=cm, other=0.0)
-                dx = tl.zeros([BLOCK_C], dtype=ACC)
-            elif MODE == 1:
-                du = tl.load(dz + n * DZO + c, mask=cm, other=0.0)
-                dx = tl.load(dz + n * DZO + C + c, mask=cm, other=0.0)
+            du = tl.load(dpool + n * DPS + c, mask=cm, other=0.0)
+            if HAS_DX:
+                dx = tl.load(dpool + n * DPS + C + c, mask=cm, other=0.0)
             else:
-                du = _pair_cell_grad(pu + n * C, px + n * C, dz + n * DZO, coef, c, cm, 0, TRAINING, MODE, J, JP,
-                                     FOLD_M, FOLD_ROWS, OC, PAD, ACC, BLOCK_C)
-                dx = _pair_cell_grad(pu + n * C, px + n * C, dz + n * DZO, coef, c, cm, 1, TRAINING, MODE, J, JP,
-                                     FOLD_M, FOLD_ROWS, OC, PAD, ACC, BLOCK_C)
+                dx = tl.zeros([BLOCK_C], dtype=ACC)
             du = du / P
             dx = dx / P
             for p0 in range(0, P, BLOCK_P):
@@ -366,6 +368,17 @@ def _small_blocks(geo, block_k):
     return block_r, block_k, block_m, _np2(max(geo.E, 1))
 
 
+def _guard(u: torch.Tensor):
+    if not u.is_cuda and not INTERPRETED:
+        raise RuntimeError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+                           f"imported, for CPU tensors); got a {u.device.type} tensor")
+    return torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext()
+
+
+def _contig(*ts):
+    return [None if t is None else t.contiguous() for t in ts]
+
+
 def forward(u, x, fc1_weight, fc1_identity_weight, fc2_weight, pair_weight, bn_weight, bn_bias,
             running_mean, running_var, mode, training, momentum, eps, fold_width, padding, *,
             single_launch=None, chunks=None, block_c=None, block_p=None, block_k=None, num_warps=4):
@@ -375,6 +388,15 @@ def forward(u, x, fc1_weight, fc1_identity_weight, fc2_weight, pair_weight, bn_w
     squeeze + gate + rescale; default when the batch fills the device), ``chunks`` (programs per
     sample otherwise), ``block_c`` x ``block_p`` (streaming tile), ``block_k`` (fc1 tile width),
     ``num_warps``."""
+    with _guard(u):
+        return _forward(u, x, *_contig(fc1_weight, fc1_identity_weight, fc2_weight, pair_weight, bn_weight, bn_bias),
+                        running_mean, running_var, mode, training, momentum, eps, fold_width, padding,
+                        single_launch, chunks, block_c, block_p, block_k, num_warps)
+
+
+def _forward(u, x, fc1_weight, fc1_identity_weight, fc2_weight, pair_weight, bn_weight, bn_bias, running_mean,
+             running_var, mode, training, momentum, eps, fold_width, padding, single_launch, chunks, block_c,
+             block_p, block_k, num_warps):
     geo = _Geometry(u, fc1_weight, fc2_weight, pair_weight, mode, fold_width, padding)
     if x.shape != u.shape or x.dtype != u.dtype or x.device != u.device:
         raise ValueError("U and X must have the same shape, dtype and device")
@@ -435,22 +457,30 @@ def backward(grad_y, u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1_we
 
     Tuning keywords as in :func:`forward` (``chunks``: programs per sample of the two streaming
     kernels)."""
+    with _guard(u):
+        return _backward(grad_y, u, *_contig(pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1_weight,
+                                             fc1_identity_weight, fc2_weight, pair_weight, bn_weight, bn_bias),
+                         mode, training, fold_width, padding, chunks, block_c, block_p, block_k, num_warps)
+
+
+def _backward(grad_y, u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1_weight, fc1_identity_weight,
+              fc2_weight, pair_weight, bn_weight, bn_bias, mode, training, fold_width, padding, chunks, block_c,
+              block_p, block_k, num_warps):
     geo = _Geometry(u, fc1_weight, fc2_weight, pair_weight, mode, fold_width, padding)
     acc, ACC = _acc(u.dtype)
     N, C = geo.N, geo.C
     pair = geo.mode >= 2
     empty = gate.new_empty(0)
     grad_u, grad_x = torch.empty_like(u), torch.empty_like(u)
-    # every element of these is written by a kernel below (no memset launches)
-    dw1, dw2 = torch.empty_like(fc1_weight), torch.empty_like(fc2_weight)
-    dw1i = torch.empty_like(fc1_identity_weight) if geo.mode == 1 else empty
-    dpw, dgamma, dbeta = ((torch.empty_like(pair_weight), torch.empty_like(bn_weight), torch.empty_like(bn_weight))
-                          if pair else (empty, empty, empty))
+    # contiguous; every element is written by a kernel below (no memset launches)
+    new = lambda t: t.new_empty(t.shape)  # noqa: E731
+    dw1, dw2 = new(fc1_weight), new(fc2_weight)
+    dw1i = new(fc1_identity_weight) if geo.mode == 1 else empty
+    dpw, dgamma, dbeta = (new(pair_weight), new(bn_weight), new(bn_weight)) if pair else (empty, empty, empty)
     if N == 0 or C == 0:
         for t in (grad_u, grad_x, dw1, dw1i, dw2, dpw, dgamma, dbeta):
             t.zero_()
         return grad_u, grad_x, dw1, dw1i, dw2, dpw, dgamma, dbeta
-    pool_u, pool_x, gate, hidden = (t.contiguous() for t in (pool_u, pool_x, gate, hidden))
     dummy = fc1_weight
     w1i = fc1_identity_weight if geo.mode == 1 else dummy
     pw, gamma, beta = (pair_weight, bn_weight, bn_bias) if pair else (dummy, dummy, dummy)
@@ -465,21 +495,31 @@ def backward(grad_y, u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1_we
     dz = u.new_empty((N, dzo), dtype=acc)
     mom = u.new_empty((N, geo.MS), dtype=acc) if pair else dummy
     coef = u.new_empty((3 * geo.JP + geo.JP * geo.JP,), dtype=acc) if pair else dummy
-    _grad_gate_kernel[(N, nch)](grad_y, u, gate, dg, C, geo.P, geo.W, cpp, *sd[:4], *su[:4], FLAT_D=sd[4],
-                                FLAT_U=su[4], ACC=ACC, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
     block_cs = max(1, min(_np2(C), 4096 // block_r))
-    _mlp_backward_kernel[(N,)](dg, hidden, fc1_weight, w1i, fc2_weight, dhp, dz, pool_u, pool_x, mom, C, geo.R,
-                               geo.R_TOT, geo.DZ, dzo, **cx, MOMENTS=pair, ACC=ACC, BLOCK_C=block_cs,
-                               BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_M=block_m)
+    small_here = nch == 1
+    _grad_gate_kernel[(N, nch)](grad_y, u, gate, dg, hidden, fc1_weight, w1i, fc2_weight, dhp, dz, pool_u, pool_x,
+                                mom, C, geo.P, geo.W, cpp, geo.R, geo.R_TOT, geo.DZ, dzo, *sd[:4], *su[:4], **cx,
+                                SMALL=small_here, FLAT_D=sd[4], FLAT_U=su[4], ACC=ACC, BLOCK_C=block_c,
+                                BLOCK_P=block_p, BLOCK_CS=block_cs, BLOCK_K=block_k, BLOCK_R=block_r,
+                                BLOCK_M=block_m, num_warps=num_warps)
+    if not small_here:
+        _mlp_backward_kernel[(N,)](dg, hidden, fc1_weight, w1i, fc2_weight, dhp, dz, pool_u, pool_x, mom, C, geo.R,
+                                   geo.R_TOT, geo.DZ, dzo, **cx, MOMENTS=pair, ACC=ACC, BLOCK_C=block_cs,
+                                   BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_M=block_m)
     if pair:
         _pair_backward_stats_kernel[(1,)](mom, pw, gamma, smean, sinv, dpw, dgamma, dbeta, coef, N, geo.DM, geo.E,
                                           TRAINING=bool(training), ACC=ACC, J=geo.J, JP=geo.JP, BLOCK_E=block_e)
+        dpool = u.new_empty((N, 2 * C), dtype=acc)
+    else:
+        dpool = dz  # se: [du], double_fc: [du; dx]
     nb_w2 = -(-C // block_cs)
-    _weight_grad_kernel[(nb_w2 + -(-geo.DZ // block_k),)](
+    nb_w = nb_w2 + -(-geo.DZ // block_k)
+    _weight_grad_kernel[(nb_w + (N if pair else 0),)](
         dg, hidden, dhp, pool_u, pool_x, pw, gamma, beta, smean, sinv, dw1, dw1i if geo.mode == 1 else dummy,
-        dw2, N, C, geo.R, geo.R_TOT, geo.DZ, geo.E, nb_w2, **cx, J=geo.J, ACC=ACC, BLOCK_C=block_cs,
-        BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_E=block_e)
-    _input_grad_kernel[(N, nch)](grad_y, gate, dz, pool_u, pool_x, coef, grad_u, grad_x, C, geo.P, geo.W, dzo, cpp,
-                                 *sd[:4], *so[:4], **cx, J=geo.J, TRAINING=bool(training), FLAT_D=sd[4],
-                                 FLAT_O=so[4], ACC=ACC, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
+        dw2, dz, coef, dpool, N, C, geo.R, geo.R_TOT, geo.DZ, geo.E, nb_w2, nb_w, **cx, J=geo.J,
+        TRAINING=bool(training), ACC=ACC, BLOCK_C=block_cs, BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_E=block_e,
+        BLOCK_CP=max(1, min(_np2(C), 64)))
+    _input_grad_kernel[(N, nch)](grad_y, gate, dpool, grad_u, grad_x, C, geo.P, geo.W, dpool.shape[1], cpp,
+                                 *sd[:4], *so[:4], HAS_DX=geo.mode != 0, FLAT_D=sd[4], FLAT_O=so[4], ACC=ACC,
+                                 BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
     return grad_u, grad_x, dw1, dw1i, dw2, dpw, dgamma, dbeta
