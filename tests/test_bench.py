@@ -208,3 +208,45 @@ def test_gpu_check_script_syntax_and_usage():
     assert subprocess.run(["bash", "-n", script], check=False).returncode == 0
     res = subprocess.run(["bash", script], capture_output=True, text=True, check=False)
     assert res.returncode == 2 and "usage" in res.stderr
+
+
+# -- launch variants ---------------------------------------------------------------------------
+
+def test_variant_parsing_and_triton_launch_keywords(monkeypatch):
+    from cmpe_se_fused import triton_kernels
+    from cmpe_se_fused.bench import variants
+    assert variants.parse_variant("triton@x:block_p=64,single_launch=false") == (
+        "triton@x", {"block_p": 64, "single_launch": False})
+    assert variants.parse_variant("cuda@s4:CMPE_SE_CUDA_SPLITS=4") == ("cuda@s4", {"CMPE_SE_CUDA_SPLITS": "4"})
+    with pytest.raises(ValueError):
+        variants.parse_variant("eager@x:a=1")
+    seen = []
+
+    def fake_forward(*args, num_warps=4, chunks=None):
+        seen.append(("f", num_warps, chunks))
+
+    def fake_backward(*args, num_warps=4):
+        seen.append(("b", num_warps))
+
+    monkeypatch.setattr(triton_kernels, "forward", fake_forward)
+    monkeypatch.setattr(triton_kernels, "backward", fake_backward)
+    with variants.triton_launch({"num_warps": 8, "chunks": 2}):
+        triton_kernels.forward(1, 2)
+        triton_kernels.backward(3)
+    triton_kernels.forward(1, 2)
+    assert seen == [("f", 8, 2), ("b", 8), ("f", 4, None)]
+    with pytest.raises(ValueError), variants.triton_launch({"bogus": 1}):
+        pass
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CPU_BACKEND, reason="needs the compiled CPU backend (cmpe_se_fused._C)")
+def test_environment_variant_runs_in_a_child_process(tmp_path):
+    """``cpu@base`` (CMPE_SE_CPU_ISA=default) is timed in a child process; its rows are merged."""
+    argv = ["--modes", "se", "--eval", "--passes", "fwd", "--batch", "2", "--threads", "1", "--no-plot",
+            "--providers", "eager,cpu@base", "--variant", "cpu@base:CMPE_SE_CPU_ISA=default", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    var = [r for r in rows if r["provider"] == "cpu@base"]
+    assert len(var) == 2 and all(r["status"] == "ok" and r["check"] == "ok" for r in var), var
+    assert all(r["speedup_vs_eager"] is not None for r in var)

@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from . import variants
 from .config import ALL_MODES, DTYPES, LAYOUTS, PASSES, PRESETS, make_cases, parse_list
 from .providers import KNOWN_PROVIDERS, check_provider_name, default_providers
 from .report import print_console
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", help="comma list of fwd,bwd,fwdbwd (default all)")
     p.add_argument("--providers", help=f"comma list of {list(KNOWN_PROVIDERS)}, triton@VARIANT, cuda@VARIANT "
                    "or 'all' (default: all for the device, plus launch variants in the gpu preset)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
+                   help="add a launch variant provider, e.g. triton@bp64:block_p=64 or "
+                   "cuda@s4:CMPE_SE_CUDA_SPLITS=4 (then name it in --providers, or use the gpu preset / 'all')")
+    p.add_argument("--as-variant", help=argparse.SUPPRESS)
+    p.add_argument("--copy-gbps", type=float, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help="override N of every shape")
     p.add_argument("--device", help="cpu or cuda (default cuda when available)")
     p.add_argument("--threads", type=int, help="CPU intra-op threads (torch.set_num_threads; default torch's)")
@@ -57,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from_args(args, argv=None) -> Options:
     preset = PRESETS[args.preset]
+    for spec in args.variant:
+        variants.register(spec)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False")
@@ -88,7 +96,8 @@ def options_from_args(args, argv=None) -> Options:
         budget_s=args.budget_s if args.budget_s is not None else preset.budget_s,
         quick_timing=preset.name in ("quick", "gpu"), plot=args.plot, compare=compare,
         compare_path=args.compare, threshold=args.threshold, compile_all=args.compile_all,
-        argv=list(argv if argv is not None else sys.argv[1:]))
+        argv=list(argv if argv is not None else sys.argv[1:]), as_variant=args.as_variant,
+        copy_gbps=args.copy_gbps)
 
 
 def main(argv=None) -> int:

@@ -106,6 +106,7 @@ def _preset_table() -> dict:
     gpu_compile_limits = {
         "compile": {"layout": ("nchw",), "phase": ("train",)},
         "compile-max": {"layout": ("nchw",), "phase": ("train",), "dtype": ("bf16",), "mode": ("folded_3x3",)},
+        "variants": {"layout": ("nchw",), "phase": ("train",), "dtype": ("bf16",)},
     }
     presets = [
         Preset("quick", "about a minute on a 2-core CPU: ResNet-164 stage 1 and WRN-28-10 stage 3 at N=16, "
@@ -153,8 +154,9 @@ def _legal(shape: Shape, mode: str) -> bool:
 
 
 def limit_reason(preset: Preset, provider: str, case: Case) -> str | None:
-    """Why the preset skips ``provider`` on ``case`` (None: it runs)."""
-    base = provider.split("@")[0]
+    """Why the preset skips ``provider`` on ``case`` (None: it runs). Launch variants
+    (``backend@name``) share the rule ``variants``."""
+    base = "variants" if "@" in provider else provider
     rule = preset.limits.get(base)
     if not rule:
         return None

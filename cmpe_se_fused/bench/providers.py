@@ -7,9 +7,8 @@ Providers:
 * ``compile-max`` the same with ``mode="max-autotune-no-cudagraphs"`` (GPU);
 * ``cpu``, ``triton``, ``cuda``: the package's backends, when usable here
   (``dispatch.BACKENDS[name].not_supported_reasons(u)``);
-* ``triton@V``, ``cuda@V``: a backend under launch-configuration variant ``V`` (the sweep hook:
-  a module in :data:`VARIANT_SOURCES` that defines ``BENCH_VARIANTS = {V: {param: value}}`` and a
-  context manager ``launch_config(**params)``).
+* ``triton@V``, ``cuda@V``: a backend under launch-configuration variant ``V`` (the sweep;
+  :mod:`cmpe_se_fused.bench.variants`).
 
 Passes, for input copy ``i`` (``U_i``, ``X_i`` leaf tensors, ``dY_i`` random):
 
@@ -19,53 +18,34 @@ Passes, for input copy ``i`` (``U_i``, ``X_i`` leaf tensors, ``dY_i`` random):
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
-
 import torch
 
 from .. import dispatch
 from ..modules import CMPESE
+from . import variants
 from .config import DTYPES, Case
+from .variants import launch_context  # noqa: F401  (re-exported for the runner)
 
 COMPILE_PROVIDERS = {"compile": None, "compile-max": "max-autotune-no-cudagraphs"}
 BACKEND_PROVIDERS = ("cpu", "triton", "cuda")
 DEFAULT_PROVIDERS = {"cpu": ("eager", "compile", "cpu"),
                      "cuda": ("eager", "compile", "compile-max", "triton", "cuda")}
 KNOWN_PROVIDERS = ("eager",) + tuple(COMPILE_PROVIDERS) + BACKEND_PROVIDERS
-VARIANT_SOURCES = {"triton": "cmpe_se_fused.triton_kernels", "cuda": "cmpe_se_fused.cuda_tuning"}
-
-
-def _variant_module(backend: str):
-    try:
-        return importlib.import_module(VARIANT_SOURCES[backend])
-    except Exception:  # noqa: BLE001 - missing or broken module: no variants
-        return None
-
-
-def variants(backend: str) -> dict:
-    """``{variant: params}`` a backend offers for sweeps (empty when it offers none)."""
-    mod = _variant_module(backend) if backend in VARIANT_SOURCES else None
-    table = getattr(mod, "BENCH_VARIANTS", None) if mod is not None else None
-    if not isinstance(table, dict) or not callable(getattr(mod, "launch_config", None)):
-        return {}
-    return dict(table)
 
 
 def default_providers(device: torch.device, with_variants: bool = False) -> tuple:
     names = list(DEFAULT_PROVIDERS.get(device.type, ("eager",)))
     if with_variants:
-        for b in BACKEND_PROVIDERS:
-            if b in names:
-                names += [f"{b}@{v}" for v in variants(b)]
+        names += [v for v in variants.VARIANTS if v.partition("@")[0] in names]
     return tuple(names)
 
 
 def check_provider_name(name: str):
     base = name.split("@")[0]
-    if base not in KNOWN_PROVIDERS or ("@" in name and base not in VARIANT_SOURCES):
+    bad_variant = "@" in name and (base not in BACKEND_PROVIDERS or variants.unknown_reason(name))
+    if base not in KNOWN_PROVIDERS or bad_variant:
         raise ValueError(f"unknown provider {name!r}; expected one of {list(KNOWN_PROVIDERS)} "
-                         f"or triton@VARIANT / cuda@VARIANT")
+                         f"or a variant {sorted(variants.VARIANTS)} (add one with --variant)")
 
 
 def provider_reasons(name: str, sample: torch.Tensor) -> list[str]:
@@ -83,18 +63,9 @@ def provider_reasons(name: str, sample: torch.Tensor) -> list[str]:
         return [("the Triton backend runs on CPU only under the TRITON_INTERPRET interpreter: a test tool, "
                  "not something to time")]
     reasons = list(dispatch.BACKENDS[base].not_supported_reasons(sample))
-    if variant and variant not in variants(base):
-        reasons.append(f"{base} offers no launch variant {variant!r} (has: {sorted(variants(base))})")
+    if variant and variants.unknown_reason(name):
+        reasons.append(variants.unknown_reason(name))
     return reasons
-
-
-def launch_context(name: str):
-    """The context the provider's calls run in (a launch-config variant, else nothing)."""
-    base, _, variant = name.partition("@")
-    if not variant:
-        return contextlib.nullcontext()
-    mod = _variant_module(base)
-    return mod.launch_config(**variants(base)[variant])
 
 
 def reference_module(case: Case, seed: int = 0) -> CMPESE:

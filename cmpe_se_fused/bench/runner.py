@@ -8,9 +8,12 @@ after every case, so even a killed run leaves its rows behind.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -31,8 +34,9 @@ from .providers import (
     reference_module,
 )
 from .timing import copy_bandwidth, peak_memory_mb, rotation_copies, synchronize, time_cuda_graph, time_fn
+from .variants import VARIANTS, is_env_variant
 
-PHASE_DEADLINE = {"core": 0.70, "e2e": 0.80, "compile": 0.92, "variants": 0.97, "compile-max": 1.0}
+PHASE_DEADLINE = {"core": 0.55, "e2e": 0.65, "compile": 0.85, "variants": 0.95, "compile-max": 1.0}
 
 
 @dataclass
@@ -58,6 +62,8 @@ class Options:
     compile_all: bool = False
     copy_bytes: int | None = None
     cpu_min_time: float | None = None   # blocked_autorange min_run_time (default 0.1 s quick, 0.3 s otherwise)
+    as_variant: str | None = None       # child process of an environment variant: label rows with this name
+    copy_gbps: float | None = None      # the parent's copy bandwidth (child processes do not measure it)
     argv: list = field(default_factory=list)
 
 
@@ -111,11 +117,17 @@ class Runner:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
-    def budget_reason(self, phase: str) -> str | None:
-        b = self.o.budget_s
-        if b is None or self.elapsed() < PHASE_DEADLINE[phase] * b:
+    def deadline(self, phase: str) -> float | None:
+        """Seconds from the start at which ``phase`` must stop starting work (None: no budget)."""
+        if self.o.budget_s is None:
             return None
-        return f"time budget: phase {phase} ends at {PHASE_DEADLINE[phase]:.0%} of --budget-s {b:.0f}"
+        return self.o.budget_s * (1.0 if self.o.as_variant else PHASE_DEADLINE[phase])
+
+    def budget_reason(self, phase: str) -> str | None:
+        d = self.deadline(phase)
+        if d is None or self.elapsed() < d:
+            return None
+        return f"time budget: phase {phase} ends at {d:.0f}s of --budget-s {self.o.budget_s:.0f}"
 
     # -- one case ---------------------------------------------------------------------------
     def run_case(self, case: Case, providers, phase: str, progress: Progress):
@@ -128,7 +140,7 @@ class Runner:
             progress.advance(f"{prov} {s.label} {case.mode} {case.dtype} {case.layout} {case.phase}")
             rows = {ps: metrics.layer_row(case, ps, prov, self.gbps) for ps in o.passes}
             self.rows.extend(rows.values())
-            why = None if o.compile_all else limit_reason(o.preset, prov, case)
+            why = None if o.compile_all else limit_reason(o.preset, o.as_variant or prov, case)
             why = why or "; ".join(provider_reasons(prov, sample)) or self.budget_reason(phase)
             if why:
                 for r in rows.values():
@@ -200,7 +212,7 @@ class Runner:
         provs = self.o.providers
         core = tuple(p for p in provs if p not in COMPILE_PROVIDERS and "@" not in p)
         out = [("core", core)]
-        if self.o.e2e:
+        if self.o.e2e and not self.o.as_variant:
             out.append(("e2e", None))
         out += [("compile", tuple(p for p in provs if p == "compile")),
                 ("variants", tuple(p for p in provs if "@" in p)),
@@ -223,8 +235,12 @@ class Runner:
             if load > (os.cpu_count() or 1) - 0.5:
                 self.notes.append(f"CPU busy when the run started (load average {load:.1f} on {os.cpu_count()} "
                                   f"cores): CPU times are inflated, compare ratios only")
-        _log(f"[bench] {meta['device']['name']}: measuring copy bandwidth")
-        meta["copy_bandwidth"] = copy_bandwidth(o.device, o.copy_bytes)
+        if o.copy_gbps:
+            meta["copy_bandwidth"] = {"bytes": 0, "median_us": 0.0, "GBps": o.copy_gbps,
+                                      "method": "given by the parent run"}
+        else:
+            _log(f"[bench] {meta['device']['name']}: measuring copy bandwidth")
+            meta["copy_bandwidth"] = copy_bandwidth(o.device, o.copy_bytes)
         self.gbps = meta["copy_bandwidth"]["GBps"]
         _log(f"[bench] copy bandwidth {self.gbps:.1f} GB/s; {len(o.cases)} cases x {len(o.passes)} passes, "
              f"providers {', '.join(o.providers)}")
@@ -241,9 +257,14 @@ class Runner:
                                 f"e2e {r['net']} {r['se_mode']} {r['provider']}")),
                             should_skip=lambda: self.budget_reason("e2e"))
                     continue
+                in_process = tuple(p for p in provs if not (is_env_variant(p) and not o.as_variant))
                 for case in o.cases:
-                    self.run_case(case, provs, name, progress)
+                    self.run_case(case, in_process, name, progress)
                     self.write(partial=True)
+                for prov in provs:
+                    if prov not in in_process:
+                        self.run_env_variant(prov, name, progress)
+                        self.write(partial=True)
         except (Stop, KeyboardInterrupt):
             self.notes.append(f"run interrupted at {self.elapsed():.0f}s; rows not reached are missing")
             _log("[bench] interrupted: writing what was measured")
@@ -252,7 +273,45 @@ class Runner:
             signal.signal(signal.SIGTERM, old_handler)
         return self.finish()
 
+    def run_env_variant(self, prov: str, phase: str, progress: Progress):
+        """Time ``prov`` (a ``cuda@...`` variant) in a child process with its environment; merge
+        its rows, floors recomputed at this run's copy bandwidth."""
+        o = self.o
+        c0 = o.cases[0].shape if o.cases else None
+        sample = torch.empty((1, c0.c if c0 else 1, 1, 1), device=o.device)
+        why = "; ".join(provider_reasons(prov, sample)) or self.budget_reason(phase)
+        rows = []
+        if not why:
+            left = None if self.deadline(phase) is None else max(5.0, self.deadline(phase) - self.elapsed())
+            with tempfile.TemporaryDirectory() as tmp:
+                argv = [*o.argv, "--providers", prov.partition("@")[0], "--as-variant", prov, "--out", tmp, "--no-e2e",
+                        "--no-plot", "--compare=", "--copy-gbps", repr(self.gbps)]
+                if left is not None:
+                    argv += ["--budget-s", f"{left:.0f}"]
+                env = dict(os.environ, CMPE_SE_BENCH_NO_PROGRESS="1", **VARIANTS[prov])
+                _log(f"[bench] {prov}: child process with {VARIANTS[prov]}")
+                try:
+                    res = subprocess.run([sys.executable, "-m", "cmpe_se_fused.bench", *argv], env=env, check=False,
+                                         capture_output=True, text=True, timeout=None if left is None else left + 60)
+                    with open(os.path.join(tmp, "bench.json")) as f:
+                        rows = [r for r in json.load(f)["rows"] if r["provider"] == prov]
+                    if not rows:
+                        why = f"child process wrote no rows (rc {res.returncode}): {res.stderr.strip()[-300:]}"
+                except (OSError, ValueError, subprocess.SubprocessError) as exc:
+                    why = f"child process failed: {_exc_text(exc)}"
+        for r in rows:
+            r["floor_us"] = r["floor_bytes"] / (self.gbps * 1e3)
+            r["two_pass_floor_us"] = r["two_pass_bytes"] / (self.gbps * 1e3)
+        if why:
+            rows = [dict(metrics.layer_row(c, ps, prov, self.gbps), reason=why) for c in o.cases for ps in o.passes]
+        self.rows.extend(rows)
+        for _ in o.cases:
+            progress.advance(f"{prov} (child process)")
+
     def finish(self) -> dict:
+        if self.o.as_variant:
+            for r in self.rows:
+                r["provider"] = self.o.as_variant
         metrics.derive(self.rows)
         derive_e2e(self.rows)
         if self.o.compare is not None:
