@@ -311,33 +311,60 @@ def prepare_model(args, config, device, world):
     return core, model
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = setup_distributed(args)
-    torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    num_classes = 10 if args.dataset == "cifar10" else 100
-    data = synthetic_cifar(args.synthetic_size, num_classes, args.seed) if args.synthetic else \
-        load_cifar(args.data, args.dataset, args.download and rank == 0)
-    config = model_config(args, num_classes)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    core, model = prepare_model(args, config, device, world)
-    torch.manual_seed(args.seed + rank)
+def load_data(args, num_classes, rank, world):
+    if args.synthetic:
+        return synthetic_cifar(args.synthetic_size, num_classes, args.seed)
+    if args.download and world > 1:  # rank 0 downloads, the others wait for it
+        if rank == 0:
+            load_cifar(args.data, args.dataset, True)
+        dist.barrier()
+    return load_cifar(args.data, args.dataset, args.download and rank == 0)
+
+
+def make_optimiser(args, core, device):
     opt = torch.optim.SGD(core.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
                           nesterov=not args.no_nesterov)
     milestones, gamma = schedule(args)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    return opt, sched, scaler
+
+
+def resume_from(args, out, core, opt, sched, scaler, device):
+    """(history, first epoch) after loading --resume (nothing to load: ([], 0))."""
+    path = str(out / "last.pt") if args.resume == "auto" and (out / "last.pt").exists() else args.resume
+    if not path or path == "auto":
+        return [], 0
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    core.load_state_dict(ckpt["model"], strict=True)
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["history"], ckpt["epoch"]
+
+
+def save(out, core, opt, sched, scaler, history, config, args):
+    ckpt = dict(model=core.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                scaler=scaler.state_dict(), epoch=history[-1]["epoch"], history=history, config=config,
+                args=vars(args))
+    torch.save(ckpt, out / "last.pt.tmp")
+    os.replace(out / "last.pt.tmp", out / "last.pt")  # never a half-written checkpoint
+    write_log(out, history)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args)
+    np.random.seed(args.seed + rank)
+    num_classes = 10 if args.dataset == "cifar10" else 100
+    data = load_data(args, num_classes, rank, world)
+    config = model_config(args, num_classes)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    core, model = prepare_model(args, config, device, world)
+    torch.manual_seed(args.seed + rank)
+    opt, sched, scaler = make_optimiser(args, core, device)
     out = Path(args.out)
-    history, start = [], 0
-    resume = str(out / "last.pt") if args.resume == "auto" and (out / "last.pt").exists() else args.resume
-    if resume and resume != "auto":
-        ckpt = torch.load(resume, map_location=device, weights_only=False)
-        core.load_state_dict(ckpt["model"], strict=True)
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        history, start = ckpt["history"], ckpt["epoch"]
+    history, start = resume_from(args, out, core, opt, sched, scaler, device)
     train_loader, test_loader, sampler = make_loaders(args, data, rank, world)
     ctx = dict(device=device, steps=args.steps_per_epoch, show=rank == 0 and not args.no_progress,
                channels_last=args.channels_last, amp={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp),
@@ -345,11 +372,10 @@ def main(argv=None):
                std=torch.tensor(STD[args.dataset], device=device).view(1, 3, 1, 1))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        n_params = sum(p.numel() for p in core.parameters())
-        print(f"{args.model} se_mode={args.se_mode} backend={args.backend}: {n_params / 1e6:.3f}M parameters; "
-              f"{world} process(es), device {device}; lr milestones {milestones} x{gamma}", flush=True)
-    total_epochs = args.epochs + (args.plain_epochs if args.mixup > 0 else 0)
-    for epoch in range(start, total_epochs):
+        print(f"{args.model} se_mode={args.se_mode} backend={args.backend}: "
+              f"{sum(p.numel() for p in core.parameters()) / 1e6:.3f}M parameters; {world} process(es), device "
+              f"{device}; lr milestones {sorted(sched.milestones)} x{sched.gamma}", flush=True)
+    for epoch in range(start, args.epochs + (args.plain_epochs if args.mixup > 0 else 0)):
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         lr, mixing = opt.param_groups[0]["lr"], args.mixup if epoch < args.epochs else 0.0
@@ -360,17 +386,13 @@ def main(argv=None):
         if epoch < args.epochs:
             sched.step()
         te = reduce_sums(run_epoch(model, test_loader, ctx, False, desc="test"), device, world)
-        row = dict(epoch=epoch + 1, lr=lr, mixup=mixing, train_loss=tr[0] / tr[2], train_acc=tr[1] / tr[2],
-                   test_loss=te[0] / te[2], test_acc=te[1] / te[2], epoch_time_s=round(elapsed, 3),
-                   images_per_s=round(tr[2] / elapsed, 1))
-        history.append(row)
+        history.append(dict(epoch=epoch + 1, lr=lr, mixup=mixing, train_loss=tr[0] / tr[2], train_acc=tr[1] / tr[2],
+                            test_loss=te[0] / te[2], test_acc=te[1] / te[2], epoch_time_s=round(elapsed, 3),
+                            images_per_s=round(tr[2] / elapsed, 1)))
         if rank == 0:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-            ckpt = dict(model=core.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                        scaler=scaler.state_dict(), epoch=epoch + 1, history=history, config=config, args=vars(args))
-            torch.save(ckpt, out / "last.pt.tmp")
-            os.replace(out / "last.pt.tmp", out / "last.pt")  # never a half-written checkpoint
-            write_log(out, history)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in history[-1].items()),
+                  flush=True)
+            save(out, core, opt, sched, scaler, history, config, args)
     if world > 1:
         dist.destroy_process_group()
     return history
