@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+from .config import ALL_MODES, DTYPES, LAYOUTS, PASSES, PHASES
 from .metrics import BASELINE, FLOOR_T, geomean, median
 
 SCHEMA_VERSION = "cmpe_se_fused.bench/1"
@@ -65,11 +66,21 @@ def layer_table(rows) -> tuple[list[str], list[list[str]]]:
         groups.setdefault(g, {"floor": r["floor_us"]})[r["provider"]] = r
     header = ["shape", "NxCxHxW", "mode", "dtype", "layout", "phase", "pass", "floor"] + provs
     lines = []
-    for g, cells in groups.items():
+    for g, cells in sorted(groups.items(), key=lambda kv: _group_order(kv[1])):
         if not any(isinstance(c, dict) and c.get("status") == "ok" for c in cells.values()):
             continue
         lines.append(list(g) + [fmt_us(cells["floor"])] + [_cell(cells.get(p)) for p in provs])
     return header, lines
+
+
+def _group_order(cells):
+    r = next(c for c in cells.values() if isinstance(c, dict))
+
+    def idx(seq, v):
+        return list(seq).index(v) if v in seq else len(seq)
+
+    return (r["net"], r["N"], r["stage"], idx(ALL_MODES, r["mode"]), idx(list(DTYPES), r["dtype"]),
+            idx(LAYOUTS, r["layout"]), idx(PHASES, r["phase"]), idx(PASSES, r["pass"]))
 
 
 def e2e_table(rows) -> tuple[list[str], list[list[str]]]:
@@ -212,7 +223,10 @@ def print_console(result, file=None):
 
 def plain_table(header, lines) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
-    fmt = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
+
+    def fmt(cells):
+        return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
+
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
 
 

@@ -43,8 +43,10 @@ def cache_bytes(device: torch.device) -> int:
 
 
 def rotation_copies(bytes_per_copy: int, device: torch.device, max_copies: int = 64) -> int:
-    """How many input copies make the rotated working set at least twice the cache (and >= 2)."""
-    target = max(2 * cache_bytes(device), (100 << 20) if device.type == "cuda" else (64 << 20))
+    """How many input copies make the rotated working set (U, X, dY) at least three times the GPU
+    L2 (twice the CPU last-level cache), and at least 2."""
+    target = max(3 * cache_bytes(device), (128 << 20)) if device.type == "cuda" else max(2 * cache_bytes(device),
+                                                                                          64 << 20)
     return int(min(max_copies, max(2, math.ceil(target / max(1, bytes_per_copy)))))
 
 
@@ -58,7 +60,9 @@ def _iqr(xs):
 def time_cuda(fn, n_copies: int, warmup_ms: float = 10.0, rep_ms: float = 40.0, min_reps: int = 10,
               max_reps: int = 1000) -> Timing:
     """Median of per-call CUDA-event times (microseconds), do_bench style."""
-    ev = lambda: torch.cuda.Event(enable_timing=True)
+    def ev():
+        return torch.cuda.Event(enable_timing=True)
+
     fn(0)
     torch.cuda.synchronize()
     start, end = ev(), ev()
@@ -104,8 +108,8 @@ def time_cuda_graph(fn, n_copies: int, prepare=None, replays: int = 20) -> Timin
         for _ in range(3):
             graph.replay()
         torch.cuda.synchronize()
-        ev = lambda: torch.cuda.Event(enable_timing=True)
-        pairs = [(ev(), ev()) for _ in range(replays)]
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                 for _ in range(replays)]
         for s, e in pairs:
             s.record()
             graph.replay()
@@ -136,7 +140,7 @@ def time_cpu(fn, n_copies: int, min_run_time: float = 0.2) -> Timing:
 
 def time_fn(fn, n_copies: int, device: torch.device, quick: bool = False, cpu_min_time: float | None = None) -> Timing:
     if device.type == "cuda":
-        return time_cuda(fn, n_copies, rep_ms=25.0 if quick else 40.0)
+        return time_cuda(fn, n_copies, warmup_ms=5.0 if quick else 10.0, rep_ms=20.0 if quick else 40.0)
     return time_cpu(fn, n_copies, min_run_time=cpu_min_time or (0.1 if quick else 0.3))
 
 
