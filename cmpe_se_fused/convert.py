@@ -137,7 +137,7 @@ def _adopt(cls, old: nn.Module, cfg: dict, **extra) -> nn.Module:
                   bn_momentum=cfg["bn_momentum"], **extra)
     with torch.device("meta"):  # no allocation, no RNG draw: every child is replaced below
         new = cls(cfg["channels"], **kwargs)
-    new.hidden = cfg["hidden"]
+    new.hidden, new.reduction = cfg["hidden"], cfg["reduction"]  # reduction None: fc1's width is not C // t
     for name in SPEC_CHILDREN[cfg["mode"]]:
         setattr(new, name, getattr(old, name))
     new.train(old.training)
