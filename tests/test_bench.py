@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import pytest
 import torch
@@ -151,6 +152,35 @@ def test_preset_limits_and_budget_are_recorded_as_skips(tmp_path):
     assert {r["status"] for r in rows} == {"skipped"}
     assert any("time budget" in r["reason"] for r in rows)
     assert any("only on phase=train" in r["reason"] for r in rows if r["provider"] == "compile")
+
+
+def test_sigterm_writes_what_was_measured(tmp_path):
+    """``timeout`` sends SIGTERM: the run stops and still writes bench.json / bench.md."""
+    import signal
+    import threading
+    opts = tiny_options(tmp_path, ("eager",))
+    opts.cpu_min_time = 0.3  # 12 timings of >= 0.3 s: the signal lands mid-run
+    runner = Runner(opts)
+    done = threading.Event()
+
+    def kill_after_first_row():
+        while not done.is_set():
+            if any(r["status"] == "ok" for r in runner.rows):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_after_first_row, daemon=True)
+    watcher.start()
+    try:
+        runner.run()
+    finally:
+        done.set()
+        watcher.join()
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["meta"]["interrupted"] and any("interrupted" in n for n in data["notes"])
+    assert 0 < sum(r["status"] == "ok" for r in data["rows"]) < 12
+    assert (tmp_path / "bench.md").exists()
 
 
 def test_compare_through_runner(tmp_path):

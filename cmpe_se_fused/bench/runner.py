@@ -67,8 +67,10 @@ class Options:
     argv: list = field(default_factory=list)
 
 
-class Stop(Exception):
-    """SIGTERM (``timeout``) or Ctrl-C: finish the outputs with what was measured."""
+class Stop(BaseException):
+    """SIGTERM (``timeout``): finish the outputs with what was measured. A BaseException, like
+    KeyboardInterrupt, so the ``except Exception`` that turns a failing provider into an error row
+    does not swallow it."""
 
 
 class Progress:
@@ -152,8 +154,6 @@ class Runner:
                     inputs = Inputs(case, rotation_copies(3 * sample.numel() * sample.element_size(), dev), dev)
                     ref_y = self._forward_once("eager", case, state, inputs)
                 self.measure(prov, case, state, inputs, ref_y, rows)
-            except Stop:
-                raise
             except Exception as exc:  # noqa: BLE001 - a provider that fails is a row, not the end of the run
                 for r in rows.values():
                     if r["status"] != "ok":
@@ -190,8 +190,6 @@ class Runner:
                     p.release()
                     if dev.type == "cuda" and o.graphs and t.median_us < o.graph_threshold_us:
                         self._graph(p, inputs, row)
-                except Stop:
-                    raise
                 except Exception as exc:  # noqa: BLE001
                     row.update(status="error", reason=_exc_text(exc))
                 finally:
@@ -202,8 +200,6 @@ class Runner:
         try:
             g = time_cuda_graph(p, inputs.n, prepare=p.prepare)
             row["graph_us"] = float(g.median_us)
-        except Stop:
-            raise
         except Exception as exc:  # noqa: BLE001 - capture is best effort; the event timing stands
             row["graph_note"] = f"CUDA-graph capture failed, event timing only: {_exc_text(exc)}"
 
@@ -235,6 +231,27 @@ class Runner:
             if load > (os.cpu_count() or 1) - 0.5:
                 self.notes.append(f"CPU busy when the run started (load average {load:.1f} on {os.cpu_count()} "
                                   f"cores): CPU times are inflated, compare ratios only")
+                if torch.get_num_threads() > 1:
+                    _log(f"[bench] warning: load average {load:.1f} on {os.cpu_count()} cores; OpenMP barriers stall "
+                         "on a busy machine, consider --threads 1")
+        meta["copy_bandwidth"] = {"bytes": 0, "median_us": 0.0, "GBps": 0.0, "method": "not measured"}
+        meta["interrupted"] = False
+        old_handler = signal.signal(signal.SIGTERM, _raise_stop)
+        self._progress = None
+        try:
+            self._measure(meta)
+        except (Stop, KeyboardInterrupt):
+            meta["interrupted"] = True
+            self.notes.append(f"run interrupted at {self.elapsed():.0f}s; rows not reached are missing")
+            _log("[bench] interrupted: writing what was measured")
+        finally:
+            if self._progress is not None:
+                self._progress.close()
+            signal.signal(signal.SIGTERM, old_handler)
+        return self.finish()
+
+    def _measure(self, meta):
+        o = self.o
         if o.copy_gbps:
             meta["copy_bandwidth"] = {"bytes": 0, "median_us": 0.0, "GBps": o.copy_gbps,
                                       "method": "given by the parent run"}
@@ -246,32 +263,24 @@ class Runner:
              f"providers {', '.join(o.providers)}")
         plan = self.phases()
         n_e2e = len(NETS) * len(o.e2e_dtypes) * (1 + len(o.e2e_modes) * len(self.e2e_providers()))
-        progress = Progress(sum(len(o.cases) * len(ps) if ps is not None else n_e2e for _, ps in plan))
-        old_handler = signal.signal(signal.SIGTERM, _raise_stop)
-        try:
-            for name, provs in plan:
-                _log(f"[bench] phase {name} at {self.elapsed():.0f}s")
-                if provs is None:
-                    run_e2e(list(NETS), o.e2e_modes, o.e2e_dtypes, ("nchw",), self.e2e_providers(), o.device,
-                            o.e2e_batch, on_row=lambda r: (self.rows.append(r), progress.advance(
-                                f"e2e {r['net']} {r['se_mode']} {r['provider']}")),
-                            should_skip=lambda: self.budget_reason("e2e"))
-                    continue
-                in_process = tuple(p for p in provs if not (is_env_variant(p) and not o.as_variant))
-                for case in o.cases:
-                    self.run_case(case, in_process, name, progress)
+        progress = self._progress = Progress(sum(len(o.cases) * len(ps) if ps is not None else n_e2e
+                                                 for _, ps in plan))
+        for name, provs in plan:
+            _log(f"[bench] phase {name} at {self.elapsed():.0f}s")
+            if provs is None:
+                run_e2e(list(NETS), o.e2e_modes, o.e2e_dtypes, ("nchw",), self.e2e_providers(), o.device,
+                        o.e2e_batch, on_row=lambda r: (self.rows.append(r), progress.advance(
+                            f"e2e {r['net']} {r['se_mode']} {r['provider']}")),
+                        should_skip=lambda: self.budget_reason("e2e"))
+                continue
+            in_process = tuple(p for p in provs if not (is_env_variant(p) and not o.as_variant))
+            for case in o.cases:
+                self.run_case(case, in_process, name, progress)
+                self.write(partial=True)
+            for prov in provs:
+                if prov not in in_process:
+                    self.run_env_variant(prov, name, progress)
                     self.write(partial=True)
-                for prov in provs:
-                    if prov not in in_process:
-                        self.run_env_variant(prov, name, progress)
-                        self.write(partial=True)
-        except (Stop, KeyboardInterrupt):
-            self.notes.append(f"run interrupted at {self.elapsed():.0f}s; rows not reached are missing")
-            _log("[bench] interrupted: writing what was measured")
-        finally:
-            progress.close()
-            signal.signal(signal.SIGTERM, old_handler)
-        return self.finish()
 
     def run_env_variant(self, prov: str, phase: str, progress: Progress):
         """Time ``prov`` (a ``cuda@...`` variant) in a child process with its environment; merge
