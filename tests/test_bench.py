@@ -280,3 +280,30 @@ def test_environment_variant_runs_in_a_child_process(tmp_path):
     var = [r for r in rows if r["provider"] == "cpu@base"]
     assert len(var) == 2 and all(r["status"] == "ok" and r["check"] == "ok" for r in var), var
     assert all(r["speedup_vs_eager"] is not None for r in var)
+
+
+def test_cuda_event_timer_logic_with_fake_events(monkeypatch):
+    """time_cuda's control flow (estimate, warm-up, per-call events, median), on CPU with fake events."""
+    from cmpe_se_fused.bench import timing
+
+    class FakeEvent:
+        def __init__(self, enable_timing=True):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    calls = []
+
+    def fn(i):
+        calls.append(i)
+        time.sleep(0.002)
+
+    t = timing.time_cuda(fn, 3, warmup_ms=5, rep_ms=20, min_reps=10)
+    assert t.reps >= 10 and 1500 < t.median_us < 20000
+    assert set(calls) == {0, 1, 2}

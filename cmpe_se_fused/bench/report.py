@@ -47,6 +47,8 @@ def _cell(r) -> str:
     if r["status"] != "ok":
         return "skip" if r["status"] == "skipped" else "ERROR"
     parts = [fmt_us(r["median_us"])]
+    if r.get("graph_us") is not None:
+        parts.append(f"(graph {fmt_us(r['graph_us'])})")
     if r["provider"] != BASELINE:
         parts.append(fmt_x(r["speedup_vs_eager"]))
     parts.append(fmt_pct(r.get("frac_floor")))
@@ -147,8 +149,9 @@ def _header_text(result) -> list[str]:
 
 def write_markdown(result, path):
     parts = ["# cmpe_se_fused benchmark", "", *[f"- {t}" for t in _header_text(result)], "",
-             ("Cells: median time, speedup over eager (same run), fraction of the bandwidth floor "
-             "(fwd 3T, bwd 4T, fwd+bwd 7T at the measured copy bandwidth). `floor` is that time."), ""]
+             ("Cells: median time, CUDA-graph replay time per call where measured, speedup over eager "
+              "(same run), fraction of the bandwidth floor (fwd 3T, bwd 4T, fwd+bwd 7T at the measured copy "
+              "bandwidth). `floor` is that time."), ""]
     h, lines = summary_table(result["rows"])
     if lines:
         parts += ["## Summary", "", markdown_table(h, lines), ""]
