@@ -67,6 +67,9 @@ def _time_steps(step, device, warmup, reps):
         torch.cuda.synchronize()
         times = [s.elapsed_time(e) * 1e3 for s, e in evs]
     else:
+        t0 = time.perf_counter()
+        step()
+        reps = int(min(10, max(reps, 2.0 / max(time.perf_counter() - t0, 1e-3))))  # ~2 s of steps, 3..10
         for _ in range(reps):
             t0 = time.perf_counter()
             step()
