@@ -20,7 +20,7 @@ struct BwdArgs {
   at::Tensor dyc, uc, du, dx;                       // dense in the kernel layout
   at::Tensor pool_u, pool_x, gate, hidden;          // contiguous, acc
   at::Tensor fc1, fc1_id, W2T;
-  PairView pv;
+  PairGeom pv;
   PairFilters filt;
   at::Tensor d_fc1, d_fc1_id, d_fc2, d_pair, d_bn_w, d_bn_b;
 };
@@ -103,16 +103,15 @@ void run(BwdArgs& a) {
   const A* W1i = g.mode == Mode::kDoubleFC ? a.fc1_id.data_ptr<A>() : nullptr;
   const A* W2T = a.W2T.data_ptr<A>();
   const int64_t K = a.pv.K, D = a.pv.D;
-  const int32_t* idx = a.pv.idx.data();
+  const int64_t img_size = a.pv.Hp * a.pv.Wp;
 
-  std::vector<A> dg(N * C), dh(N * R);
-  std::vector<A> z(pair ? N * D : 0), dv(pair ? N * D : 0), Qc(pair ? N * K * D : 0);
+  Buffer<A> dg(N * C), dh(N * R), z(pair ? N * D : 0), dv(pair ? N * D : 0), Qc(pair ? N * K * D : 0);
   PairSums<A> ps;
   std::vector<double> mq;
   std::vector<A> mqA, w_eff, cvec(K, A(0)), B;
   A b_eff = A(0);
   if (pair) {
-    mq = patch_mean(a.pv, pu, px, N, C);
+    mq = patch_mean(a.pv, pu, px, N);
     mqA = cast_vec<A>(mq);
     a.filt.collapse(mq);
     w_eff = cast_vec<A>(a.filt.w_eff);
@@ -137,7 +136,7 @@ void run(BwdArgs& a) {
       A* dvn = dv.data() + n * D;
       A* qn = Qc.data() + n * K * D;
       mk.gemv_t(W1, dhn, r, D, dvn);
-      mk.gather_patches(pu + n * C, px + n * C, idx, mqA.data(), K, D, qn);
+      mk.gather_patches(pu + n * C, px + n * C, a.pv, mqA.data(), qn, scratch);
       mk.patch_combine(qn, w_eff.data(), b_eff, K, D, z.data() + n * D);
       double s0 = 0.0;
       for (int64_t d = 0; d < D; ++d) s0 += dvn[d];
@@ -151,7 +150,7 @@ void run(BwdArgs& a) {
     if (pair) {
       for (int64_t c = 0; c < C; ++c) dpu[c] = dpx[c] = A(0);
       mk.patch_scatter(dv.data() + n * D, Qc.data() + n * K * D, w_eff.data(), cvec.data(),
-                       B.empty() ? nullptr : B.data(), idx, K, D, C, dpu, dpx, scratch);
+                       B.empty() ? nullptr : B.data(), a.pv, dpu, dpx, scratch);
     }
     const A invP = A(1) / A(P);
     for (int64_t c = 0; c < C; ++c) {
@@ -162,7 +161,7 @@ void run(BwdArgs& a) {
   };
   auto samples = [&](bool do_head, bool do_tail) {
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-      std::vector<A> G(C), dpu(C), dpx(C), scratch(C > D ? C : D);
+      Buffer<A> G(C), dpu(C), dpx(C), scratch(std::max(C, K * D + img_size));
       for (int64_t n = n0; n < n1; ++n) {
         if (do_head) head(n, G.data(), dpu.data(), dpx.data(), scratch.data());
         if (do_tail) tail(n, dpu.data(), dpx.data(), scratch.data());
@@ -180,11 +179,9 @@ void run(BwdArgs& a) {
   }
 
   // weight gradients, each entry summed over n in order: dW2 = dg' h, dW1 = dh_pre' z
-  std::vector<A> dW2T(R * C, A(0));
+  Buffer<A> dW2T(R * C);
   at::parallel_for(0, R, 1, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j)
-      for (int64_t n = 0; n < N; ++n)
-        if (hid[n * R + j] != A(0)) mk.axpy(hid[n * R + j], dg.data() + n * C, dW2T.data() + j * C, C);
+    for (int64_t j = j0; j < j1; ++j) mk.weighted_sum(hid + j, R, dg.data(), N, C, dW2T.data() + j * C);
   });
   A* dW2 = a.d_fc2.data_ptr<A>();
   for (int64_t c = 0; c < C; ++c)
@@ -195,11 +192,8 @@ void run(BwdArgs& a) {
   A* dW1i = g.mode == Mode::kDoubleFC ? a.d_fc1_id.data_ptr<A>() : nullptr;
   at::parallel_for(0, r, 1, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
-      for (int64_t k = 0; k < Dz; ++k) dW1[j * Dz + k] = A(0);
-      for (int64_t n = 0; n < N; ++n) mk.axpy(dh[n * R + j], zsrc + n * Dz, dW1 + j * Dz, Dz);
-      if (dW1i == nullptr) continue;
-      for (int64_t k = 0; k < C; ++k) dW1i[j * C + k] = A(0);
-      for (int64_t n = 0; n < N; ++n) mk.axpy(dh[n * R + r + j], px + n * C, dW1i + j * C, C);
+      mk.weighted_sum(dh.data() + j, R, zsrc, N, Dz, dW1 + j * Dz);
+      if (dW1i != nullptr) mk.weighted_sum(dh.data() + r + j, R, px, N, C, dW1i + j * C);
     }
   });
 }
@@ -248,7 +242,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   a.d_fc1_id = g.mode == Mode::kDoubleFC ? at::empty_like(a.fc1_id) : at::empty({0}, opts);
   a.d_fc2 = at::empty({g.C, g.R}, opts);
   if (pair) {
-    a.pv = make_pair_view(g.mode, g.C, g.fold, g.pad);
+    a.pv = make_pair_geom(g.mode, g.C, g.fold, g.pad);
     a.filt = load_filters(*pair_weight, *bn_weight, *bn_bias);
     a.filt.mu = to_doubles(bn_mean);
     a.filt.invstd = to_doubles(bn_invstd);

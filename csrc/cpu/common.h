@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "cpu/checks.h"
@@ -42,27 +43,6 @@ inline std::vector<double> to_doubles(const at::Tensor& t) {
   return v;
 }
 
-// mq[k]: the batch mean of tap k of the pair view = mean over positions of the batch-mean pair map.
-template <class A>
-std::vector<double> patch_mean(const PairView& pv, const A* pu, const A* px, int64_t N, int64_t C) {
-  std::vector<double> pm(2 * C, 0.0), mq(pv.K, 0.0);
-  if (N == 0) return mq;
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) {
-      pm[2 * c] += pu[n * C + c];
-      pm[2 * c + 1] += px[n * C + c];
-    }
-  for (int64_t k = 0; k < pv.K; ++k) {
-    double s = 0.0;
-    for (int64_t d = 0; d < pv.D; ++d) {
-      const int32_t i = pv.idx[k * pv.D + d];
-      if (i >= 0) s += pm[i];
-    }
-    mq[k] = s / (static_cast<double>(N) * pv.D);
-  }
-  return mq;
-}
-
 // BN in evaluation form: the e normalised filters collapse to v = w . (q - mq) + b, with
 // w = (1/e) sum_i gamma_i invstd_i w_i and b = (1/e) sum_i (beta_i + gamma_i invstd_i (w_i . mq - mu_i)).
 struct PairFilters {
@@ -96,6 +76,15 @@ inline PairFilters load_filters(const at::Tensor& pair_w, const at::Tensor& bn_w
   f.beta = to_doubles(bn_b);
   return f;
 }
+
+// An uninitialised work buffer (std::vector would zero-fill megabytes per call).
+template <class A>
+struct Buffer {
+  std::unique_ptr<A[]> p;
+  explicit Buffer(int64_t n) : p(new A[n > 0 ? n : 1]) {}
+  A* data() const { return p.get(); }
+  A& operator[](int64_t i) const { return p[i]; }
+};
 
 template <class A> std::vector<A> cast_vec(const std::vector<double>& v) { return std::vector<A>(v.begin(), v.end()); }
 

@@ -16,7 +16,7 @@ struct FwdArgs {
   Config g;
   at::Tensor uc, xc, y;           // dense in the kernel layout
   at::Tensor fc1, fc1_id, W2T;    // contiguous, acc; W2T = fc2_weight^T [R, C]
-  PairView pv;
+  PairGeom pv;
   PairFilters filt;
   at::Tensor running_mean, running_var;
   bool training = false;
@@ -27,7 +27,7 @@ struct FwdArgs {
 // Training-mode BN statistics from the centred patch moments (mu_i = w_i . mq, var_i = w_i' Cov w_i),
 // saved in acc; the running statistics are updated exactly like nn.BatchNorm2d.
 template <class A>
-void batch_statistics(FwdArgs& a, const std::vector<A>& c2, const std::vector<double>& mq) {
+void batch_statistics(FwdArgs& a, const A* c2, const std::vector<double>& mq) {
   const int64_t e = a.filt.e, K = a.filt.K, N = a.g.N;
   const double M = static_cast<double>(N) * a.pv.D;
   std::vector<double> cov(K * K, 0.0);
@@ -101,7 +101,7 @@ void run(FwdArgs& a) {
   const A* W1i = g.mode == Mode::kDoubleFC ? a.fc1_id.data_ptr<A>() : nullptr;
   const A* W2T = a.W2T.data_ptr<A>();
   const int64_t K = a.pv.K, D = a.pv.D;
-  const int32_t* idx = a.pv.idx.data();
+  const int64_t img_size = a.pv.Hp * a.pv.Wp;
   std::vector<A> w_eff;
   A b_eff = A(0);
 
@@ -121,24 +121,25 @@ void run(FwdArgs& a) {
 
   if (pair && a.training) {
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-      std::vector<A> scratch(2 * C);
+      Buffer<A> scratch(2 * C);
       for (int64_t n = n0; n < n1; ++n) sk.squeeze(u + n * CP, x + n * CP, C, P, cl, pu + n * C, px + n * C, scratch.data());
     });
-    const std::vector<double> mq = patch_mean(a.pv, pu, px, N, C);
+    const std::vector<double> mq = patch_mean(a.pv, pu, px, N);
     const std::vector<A> mqA = cast_vec<A>(mq);
-    std::vector<A> Qc(N * K * D), c2(N * K * K);
+    Buffer<A> Qc(N * K * D), c2(N * K * K);
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      Buffer<A> img(img_size);
       for (int64_t n = n0; n < n1; ++n) {
-        mk.gather_patches(pu + n * C, px + n * C, idx, mqA.data(), K, D, Qc.data() + n * K * D);
+        mk.gather_patches(pu + n * C, px + n * C, a.pv, mqA.data(), Qc.data() + n * K * D, img.data());
         mk.patch_moments(Qc.data() + n * K * D, K, D, c2.data() + n * K * K);
       }
     });
-    batch_statistics<A>(a, c2, mq);
+    batch_statistics<A>(a, c2.data(), mq);
     a.filt.collapse(mq);
     w_eff = cast_vec<A>(a.filt.w_eff);
     b_eff = static_cast<A>(a.filt.b_eff);
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-      std::vector<A> z(D);
+      Buffer<A> z(D);
       for (int64_t n = n0; n < n1; ++n) {
         excite(n, Qc.data() + n * K * D, z.data());
         sk.rescale(u + n * CP, x + n * CP, gt + n * C, y + n * CP, C, P, cl);
@@ -155,10 +156,10 @@ void run(FwdArgs& a) {
     b_eff = static_cast<A>(a.filt.b_eff);
   }
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<A> scratch(2 * C), qc(K * D), z(D);
+    Buffer<A> scratch(2 * C), qc(K * D), z(D), img(img_size);
     for (int64_t n = n0; n < n1; ++n) {
       sk.squeeze(u + n * CP, x + n * CP, C, P, cl, pu + n * C, px + n * C, scratch.data());
-      if (pair) mk.gather_patches(pu + n * C, px + n * C, idx, zeros.data(), K, D, qc.data());
+      if (pair) mk.gather_patches(pu + n * C, px + n * C, a.pv, zeros.data(), qc.data(), img.data());
       excite(n, qc.data(), z.data());
       sk.rescale(u + n * CP, x + n * CP, gt + n * C, y + n * CP, C, P, cl);
     }
@@ -203,7 +204,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward(
   if (g.mode == Mode::kDoubleFC) a.fc1_id = fc1_identity_weight->contiguous();
   a.W2T = fc2_weight.t().contiguous();
   if (pair) {
-    a.pv = make_pair_view(g.mode, g.C, g.fold, g.pad);
+    a.pv = make_pair_geom(g.mode, g.C, g.fold, g.pad);
     a.filt = load_filters(*pair_weight, *bn_weight, *bn_bias);
     a.running_mean = running_mean;
     a.running_var = running_var;

@@ -41,11 +41,25 @@ struct StreamKernels {
                      int64_t P, bool cl);
 };
 
+// The pair view as a one-channel image (stored with its zero padding) cross-correlated by a kh x kw
+// filter: folded_3x3 -> the fold F (2C/m rows, m columns) padded by pad; pair_2x1 / pair_1x1 -> the
+// pair map [C][2] (u, x interleaved). Tap k = a*kw + b at map position d = oi*Wo + oj reads
+// image[(oi + a)*Wp + oj + b]; the map has D = Ho*Wo positions.
+struct PairGeom {
+  bool folded = false;
+  int64_t C = 0, m = 0, pad = 0;  // m, pad: folded_3x3 only
+  int64_t Hp = 0, Wp = 0;         // padded image
+  int64_t kh = 1, kw = 1, K = 1;  // filter, K = kh*kw taps
+  int64_t Ho = 0, Wo = 0, D = 0;  // map
+};
+
 // Small per-sample math (the excitation network and the pair view), templated on the acc type A.
 template <class A>
 struct SmallKernels {
   A (*dot)(const A* a, const A* b, int64_t n);
   void (*axpy)(A alpha, const A* x, A* y, int64_t n);  // y += alpha * x
+  // out[k] = sum_i coef[i*cs] * rows[i*len + k] (i < n, in order): GEMV / GEMM rows, deterministic
+  void (*weighted_sum)(const A* coef, int64_t cs, const A* rows, int64_t n, int64_t len, A* out);
   // y[i] = max(0, W[i,:] . x), W: [rows, cols]
   void (*gemv_relu)(const A* W, const A* x, int64_t rows, int64_t cols, A* y);
   // gate = sigmoid(W2 h) with W2 given transposed: W2T [R, C]
@@ -55,17 +69,16 @@ struct SmallKernels {
                           A* dh_pre);
   // y = W^T x, W: [rows, cols] (y has cols entries, overwritten)
   void (*gemv_t)(const A* W, const A* x, int64_t rows, int64_t cols, A* y);
-  // Qc[k*D + d] = pair_map[idx[k*D + d]] - ref[k] (0 where idx < 0), pair_map = [pool_u (C), pool_x (C)]
-  void (*gather_patches)(const A* pool_u, const A* pool_x, const int32_t* idx, const A* ref, int64_t K, int64_t D,
-                         A* Qc);
+  // Qc[k*D + d] = (tap k of the pair view at position d) - ref[k]. scratch: Hp*Wp values.
+  void (*gather_patches)(const A* pool_u, const A* pool_x, const PairGeom& geo, const A* ref, A* Qc, A* scratch);
   // c2[k*K + l] = Qc[k,:] . Qc[l,:]
   void (*patch_moments)(const A* Qc, int64_t K, int64_t D, A* c2);
   // v[d] = b + sum_k w[k] * Qc[k,d]
   void (*patch_combine)(const A* Qc, const A* w, A b, int64_t K, int64_t D, A* v);
   // dq[k,d] = w[k]*dv[d] + cvec[k] - sum_l B[k,l]*Qc[l,d] (B may be null), scattered back onto the pair
-  // map: dpool_u / dpool_x (C each, accumulated into). scratch: D values.
-  void (*patch_scatter)(const A* dv, const A* Qc, const A* w, const A* cvec, const A* B, const int32_t* idx,
-                        int64_t K, int64_t D, int64_t C, A* dpool_u, A* dpool_x, A* scratch);
+  // view (a transposed conv) and accumulated into dpool_u / dpool_x (C each). scratch: K*D + Hp*Wp values.
+  void (*patch_scatter)(const A* dv, const A* Qc, const A* w, const A* cvec, const A* B, const PairGeom& geo,
+                        A* dpool_u, A* dpool_x, A* scratch);
 };
 
 template <class S> const StreamKernels<S>& stream_kernels();

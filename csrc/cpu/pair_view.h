@@ -1,9 +1,10 @@
-// The pair view as a gather table (torch-free): for each filter tap k and map position d, which
-// value of the pair map the tap reads. One table serves the three pair modes, forward and backward.
+// The pair view's geometry (torch-free): mode -> the padded image and filter of kernels.h's PairGeom.
 #pragma once
 
 #include <cstdint>
 #include <vector>
+
+#include "cpu/kernels.h"
 
 namespace cmpe_se {
 namespace cpu {
@@ -12,42 +13,59 @@ enum class Mode : int { kSE = 0, kDoubleFC = 1, kPair2x1 = 2, kPair1x1 = 3, kFol
 
 inline bool is_pair(Mode m) { return static_cast<int>(m) >= static_cast<int>(Mode::kPair2x1); }
 
-struct PairView {
-  int64_t K = 0;               // taps per filter: 2 (2x1), 1 (1x1), 9 (3x3)
-  int64_t D = 0;               // map positions per sample (= length of z)
-  std::vector<int32_t> idx;    // [K][D]: 2*c + flow (flow 0: u, 1: x), or -1 (zero padding)
-};
-
-// folded_3x3: F[2q + f, j] = flow f of channel q*m + j; the 3x3 tap (a, b) at output (oi, oj) reads
-// F[oi + a - pad, oj + b - pad] (cross-correlation, as conv2d).
-inline PairView make_pair_view(Mode mode, int64_t C, int64_t m, int64_t pad) {
-  PairView pv;
-  if (mode == Mode::kPair2x1) {
-    pv.K = 2; pv.D = C;
-    pv.idx.resize(2 * C);
-    for (int64_t c = 0; c < C; ++c) {
-      pv.idx[c] = static_cast<int32_t>(2 * c);
-      pv.idx[C + c] = static_cast<int32_t>(2 * c + 1);
-    }
-  } else if (mode == Mode::kPair1x1) {  // map C x 2 flattened row-major: position d = 2c + flow
-    pv.K = 1; pv.D = 2 * C;
-    pv.idx.resize(2 * C);
-    for (int64_t d = 0; d < 2 * C; ++d) pv.idx[d] = static_cast<int32_t>(d);
-  } else if (mode == Mode::kFolded3x3) {
-    const int64_t rows = 2 * (C / m), Ho = rows - 2 + 2 * pad, Wo = m - 2 + 2 * pad;
-    pv.K = 9; pv.D = Ho * Wo;
-    pv.idx.assign(9 * pv.D, -1);
-    for (int64_t a = 0; a < 3; ++a)
-      for (int64_t b = 0; b < 3; ++b)
-        for (int64_t oi = 0; oi < Ho; ++oi)
-          for (int64_t oj = 0; oj < Wo; ++oj) {
-            const int64_t fr = oi + a - pad, fc = oj + b - pad;
-            if (fr < 0 || fr >= rows || fc < 0 || fc >= m) continue;
-            const int64_t c = (fr / 2) * m + fc;
-            pv.idx[(a * 3 + b) * pv.D + oi * Wo + oj] = static_cast<int32_t>(2 * c + (fr % 2));
-          }
+// folded_3x3: F[2q + f, j] = flow f of channel q*m + j, padded by pad; pair_2x1 / pair_1x1: the
+// pair map [C][2]. Either way the taps are a plain (unpadded) cross-correlation of the stored image.
+inline PairGeom make_pair_geom(Mode mode, int64_t C, int64_t m, int64_t pad) {
+  PairGeom g;
+  g.C = C;
+  if (mode == Mode::kFolded3x3) {
+    g.folded = true;
+    g.m = m;
+    g.pad = pad;
+    g.Hp = 2 * (C / m) + 2 * pad;
+    g.Wp = m + 2 * pad;
+    g.kh = g.kw = 3;
+  } else {
+    g.Hp = C;
+    g.Wp = 2;
+    g.kh = 1;
+    g.kw = mode == Mode::kPair2x1 ? 2 : 1;
   }
-  return pv;
+  g.K = g.kh * g.kw;
+  g.Ho = g.Hp - g.kh + 1;
+  g.Wo = g.Wp - g.kw + 1;
+  g.D = g.Ho * g.Wo;
+  return g;
+}
+
+// mq[k]: the batch mean of tap k = the mean over map positions of the batch-mean image (double).
+template <class A>
+std::vector<double> patch_mean(const PairGeom& g, const A* pu, const A* px, int64_t N) {
+  std::vector<double> mean_u(g.C, 0.0), mean_x(g.C, 0.0), img(g.Hp * g.Wp, 0.0), mq(g.K, 0.0);
+  if (N == 0 || g.D == 0) return mq;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < g.C; ++c) {
+      mean_u[c] += pu[n * g.C + c];
+      mean_x[c] += px[n * g.C + c];
+    }
+  if (g.folded) {
+    for (int64_t row = 0; row < g.Hp - 2 * g.pad; ++row)
+      for (int64_t j = 0; j < g.m; ++j)
+        img[(row + g.pad) * g.Wp + g.pad + j] = (row & 1 ? mean_x : mean_u)[(row >> 1) * g.m + j];
+  } else {
+    for (int64_t c = 0; c < g.C; ++c) {
+      img[2 * c] = mean_u[c];
+      img[2 * c + 1] = mean_x[c];
+    }
+  }
+  for (int64_t a = 0; a < g.kh; ++a)
+    for (int64_t b = 0; b < g.kw; ++b) {
+      double s = 0.0;
+      for (int64_t oi = 0; oi < g.Ho; ++oi)
+        for (int64_t oj = 0; oj < g.Wo; ++oj) s += img[(oi + a) * g.Wp + oj + b];
+      mq[a * g.kw + b] = s / (static_cast<double>(N) * g.D);
+    }
+  return mq;
 }
 
 }  // namespace cpu

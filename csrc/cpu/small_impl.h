@@ -33,6 +33,37 @@ struct Small {
     for (; i < n; ++i) y[i] += alpha * x[i];
   }
 
+  // out[k] = sum_i coef[i*cs] * rows[i*len + k], summed over i in order; register-blocked so that
+  // out is written once (the weight-gradient GEMMs, W1' dh, W2 h and the filter combination).
+  static void weighted_sum(const A* coef, int64_t cs, const A* rows, int64_t n, int64_t len, A* out) {
+    int64_t k = 0;
+    for (; k + 4 * L <= len; k += 4 * L) {
+      V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      for (int64_t i = 0; i < n; ++i) {
+        const V c = V{} + coef[i * cs];
+        const A* r = rows + i * len + k;
+        a0 += c * vload<V>(r);
+        a1 += c * vload<V>(r + L);
+        a2 += c * vload<V>(r + 2 * L);
+        a3 += c * vload<V>(r + 3 * L);
+      }
+      vstore(out + k, a0);
+      vstore(out + k + L, a1);
+      vstore(out + k + 2 * L, a2);
+      vstore(out + k + 3 * L, a3);
+    }
+    for (; k + L <= len; k += L) {
+      V a0 = {};
+      for (int64_t i = 0; i < n; ++i) a0 += (V{} + coef[i * cs]) * vload<V>(rows + i * len + k);
+      vstore(out + k, a0);
+    }
+    for (; k < len; ++k) {
+      A s = A(0);
+      for (int64_t i = 0; i < n; ++i) s += coef[i * cs] * rows[i * len + k];
+      out[k] = s;
+    }
+  }
+
   static void gemv_relu(const A* W, const A* x, int64_t rows, int64_t cols, A* y) {
     for (int64_t i = 0; i < rows; ++i) {
       const A v = dot(W + i * cols, x, cols);
@@ -41,9 +72,7 @@ struct Small {
   }
 
   static void excite_gate(const A* W2T, const A* h, int64_t R, int64_t C, A* gate) {
-    for (int64_t c = 0; c < C; ++c) gate[c] = A(0);
-    for (int64_t j = 0; j < R; ++j)
-      if (h[j] != A(0)) axpy(h[j], W2T + j * C, gate, C);
+    weighted_sum(h, 1, W2T, R, C, gate);
     for (int64_t c = 0; c < C; ++c) gate[c] = A(1) / (A(1) + std::exp(-gate[c]));
   }
 
@@ -54,24 +83,41 @@ struct Small {
   }
 
   static void gemv_t(const A* W, const A* x, int64_t rows, int64_t cols, A* y) {
-    for (int64_t k = 0; k < cols; ++k) y[k] = A(0);
-    for (int64_t j = 0; j < rows; ++j)
-      if (x[j] != A(0)) axpy(x[j], W + j * cols, y, cols);
+    weighted_sum(x, 1, W, rows, cols, y);
   }
 
-  static void gather_patches(const A* pool_u, const A* pool_x, const int32_t* idx, const A* ref, int64_t K,
-                             int64_t D, A* Qc) {
-    for (int64_t k = 0; k < K; ++k) {
-      const int32_t* ik = idx + k * D;
-      A* qk = Qc + k * D;
-      const A rk = ref[k];
-      for (int64_t d = 0; d < D; ++d) {
-        const int32_t i = ik[d];
-        // idx = 2*c + flow (0: pool_u, 1: pool_x), -1 where the padding of the conv reaches outside
-        const A v = i < 0 ? A(0) : (i & 1 ? pool_x[i >> 1] : pool_u[i >> 1]);
-        qk[d] = v - rk;
+  // the padded pair-view image of one sample
+  static void build_image(const A* pool_u, const A* pool_x, const PairGeom& g, A* img) {
+    if (!g.folded) {
+      for (int64_t c = 0; c < g.C; ++c) {
+        img[2 * c] = pool_u[c];
+        img[2 * c + 1] = pool_x[c];
       }
+      return;
     }
+    for (int64_t i = 0; i < g.Hp * g.Wp; ++i) img[i] = A(0);
+    for (int64_t row = 0; row < g.Hp - 2 * g.pad; ++row) {
+      const A* src = (row & 1 ? pool_x : pool_u) + (row >> 1) * g.m;
+      A* dst = img + (row + g.pad) * g.Wp + g.pad;
+      for (int64_t j = 0; j < g.m; ++j) dst[j] = src[j];
+    }
+  }
+
+  static void gather_patches(const A* pool_u, const A* pool_x, const PairGeom& g, const A* ref, A* Qc, A* img) {
+    build_image(pool_u, pool_x, g, img);
+    for (int64_t a = 0; a < g.kh; ++a)
+      for (int64_t b = 0; b < g.kw; ++b) {
+        const int64_t k = a * g.kw + b;
+        const A rk = ref[k];
+        const V rv = V{} + rk;
+        for (int64_t oi = 0; oi < g.Ho; ++oi) {
+          const A* src = img + (oi + a) * g.Wp + b;
+          A* dst = Qc + k * g.D + oi * g.Wo;
+          int64_t j = 0;
+          for (; j + L <= g.Wo; j += L) vstore(dst + j, vload<V>(src + j) - rv);
+          for (; j < g.Wo; ++j) dst[j] = src[j] - rk;
+        }
+      }
   }
 
   static void patch_moments(const A* Qc, int64_t K, int64_t D, A* c2) {
@@ -80,26 +126,74 @@ struct Small {
   }
 
   static void patch_combine(const A* Qc, const A* w, A b, int64_t K, int64_t D, A* v) {
-    for (int64_t d = 0; d < D; ++d) v[d] = b;
-    for (int64_t k = 0; k < K; ++k) axpy(w[k], Qc + k * D, v, D);
+    weighted_sum(w, 1, Qc, K, D, v);
+    for (int64_t d = 0; d < D; ++d) v[d] += b;
   }
 
-  static void patch_scatter(const A* dv, const A* Qc, const A* w, const A* cvec, const A* B, const int32_t* idx,
-                            int64_t K, int64_t D, int64_t C, A* dpool_u, A* dpool_x, A* dq) {
-    (void)C;
-    for (int64_t k = 0; k < K; ++k) {
-      const A ck = cvec[k];
-      for (int64_t d = 0; d < D; ++d) dq[d] = ck;
-      axpy(w[k], dv, dq, D);
-      if (B != nullptr)
-        for (int64_t l = 0; l < K; ++l) axpy(-B[k * K + l], Qc + l * D, dq, D);
-      const int32_t* ik = idx + k * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const int32_t i = ik[d];
-        if (i < 0) continue;
-        if (i & 1) dpool_x[i >> 1] += dq[d];
-        else dpool_u[i >> 1] += dq[d];
+  // dq[k,d] = cvec[k] + w[k]*dv[d] - sum_l B[k,l]*Qc[l,d] for all k, one block of L positions at a
+  // time with the K patch vectors held in registers (KK: compile-time K, 0 = any K <= 9).
+  template <int KK>
+  static void patch_dq(const A* dv, const A* Qc, const A* w, const A* cvec, const A* B, int64_t Kr, int64_t D,
+                       A* dq) {
+    const int64_t K = KK > 0 ? KK : Kr;
+    int64_t d = 0;
+    for (; d + L <= D; d += L) {
+      V q[9];
+      for (int64_t l = 0; l < K; ++l) q[l] = vload<V>(Qc + l * D + d);
+      const V g = vload<V>(dv + d);
+      for (int64_t k = 0; k < K; ++k) {
+        V acc = (V{} + cvec[k]) + (V{} + w[k]) * g;
+        for (int64_t l = 0; l < K; ++l) acc -= (V{} + B[k * K + l]) * q[l];
+        vstore(dq + k * D + d, acc);
       }
+    }
+    for (; d < D; ++d)
+      for (int64_t k = 0; k < K; ++k) {
+        A acc = cvec[k] + w[k] * dv[d];
+        for (int64_t l = 0; l < K; ++l) acc -= B[k * K + l] * Qc[l * D + d];
+        dq[k * D + d] = acc;
+      }
+  }
+
+  static void patch_scatter(const A* dv, const A* Qc, const A* w, const A* cvec, const A* B, const PairGeom& g,
+                            A* dpool_u, A* dpool_x, A* scratch) {
+    const int64_t K = g.K, D = g.D;
+    A* dq = scratch;
+    A* dimg = scratch + K * D;
+    if (B == nullptr) {
+      for (int64_t k = 0; k < K; ++k) {
+        A* dqk = dq + k * D;
+        for (int64_t d = 0; d < D; ++d) dqk[d] = cvec[k];
+        axpy(w[k], dv, dqk, D);
+      }
+    } else if (K == 9) {
+      patch_dq<9>(dv, Qc, w, cvec, B, K, D, dq);
+    } else {
+      patch_dq<0>(dv, Qc, w, cvec, B, K, D, dq);
+    }
+    for (int64_t i = 0; i < g.Hp * g.Wp; ++i) dimg[i] = A(0);
+    for (int64_t a = 0; a < g.kh; ++a)
+      for (int64_t b = 0; b < g.kw; ++b) {
+        const A* dqk = dq + (a * g.kw + b) * D;
+        for (int64_t oi = 0; oi < g.Ho; ++oi) {
+          A* dst = dimg + (oi + a) * g.Wp + b;
+          const A* src = dqk + oi * g.Wo;
+          int64_t j = 0;
+          for (; j + L <= g.Wo; j += L) vstore(dst + j, vload<V>(dst + j) + vload<V>(src + j));
+          for (; j < g.Wo; ++j) dst[j] += src[j];
+        }
+      }
+    if (!g.folded) {
+      for (int64_t c = 0; c < g.C; ++c) {
+        dpool_u[c] += dimg[2 * c];
+        dpool_x[c] += dimg[2 * c + 1];
+      }
+      return;
+    }
+    for (int64_t row = 0; row < g.Hp - 2 * g.pad; ++row) {
+      A* dst = (row & 1 ? dpool_x : dpool_u) + (row >> 1) * g.m;
+      const A* src = dimg + (row + g.pad) * g.Wp + g.pad;
+      for (int64_t j = 0; j < g.m; ++j) dst[j] += src[j];
     }
   }
 };
