@@ -307,3 +307,24 @@ def test_cuda_event_timer_logic_with_fake_events(monkeypatch):
     t = timing.time_cuda(fn, 3, warmup_ms=5, rep_ms=20, min_reps=10)
     assert t.reps >= 10 and 1500 < t.median_us < 20000
     assert set(calls) == {0, 1, 2}
+
+
+def test_console_and_plot_fall_back_without_rich_and_matplotlib(tmp_path, monkeypatch, capsys):
+    import sys
+    case = Case(TINY, "se", "fp32", "nchw", "train")
+    rows = []
+    for prov, us in (("eager", 100.0), ("cpu", 20.0)):
+        r = metrics.layer_row(case, "fwd", prov, 1.0)
+        r.update(status="ok", median_us=us)
+        rows.append(r)
+    metrics.derive(rows)
+    result = {"meta": {"device": {"name": "test", "type": "cpu"}, "versions": {"torch": "t", "triton": None,
+                       "cuda": None, "python": "3"}, "git": {"short": "abc1234"}, "kernel_hash": None,
+                       "preset": "test", "copy_bandwidth": {"GBps": 1.0, "method": "m", "bytes": 1 << 20}},
+              "rows": rows, "notes": []}
+    for mod in ("rich", "rich.console", "rich.table", "matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, mod, None)  # import raises ImportError
+    report.print_console(result)
+    out = capsys.readouterr().out
+    assert "resnet" not in out and "tiny/s1" in out and "5.00x" in out
+    assert "matplotlib" in report.write_plot(result, str(tmp_path / "x.png"))
