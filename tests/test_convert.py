@@ -74,7 +74,7 @@ def test_layer_round_trip(mode, backend):
     assert_state_equal(ref, back)
 
 
-@pytest.mark.parametrize("se_mode", ["se", "double_fc", "pair_1x1", "folded_3x3"])
+@pytest.mark.parametrize("se_mode", ["double_fc", "folded_3x3"])  # every mode: test_layer_round_trip
 def test_network_round_trip(se_mode):
     net = randomise_bn(tiny_net(se_mode))
     ref = revert_model(net)
@@ -83,7 +83,7 @@ def test_network_round_trip(se_mode):
     assert all(type(m) is CMPESE for m in se_layers(again))
     assert_state_equal(net, ref)
     assert_state_equal(net, again)
-    img = torch.randn(4, 3, 8, 8)
+    img = torch.randn(3, 3, 4, 4)
     for training in (False, True):
         for m in (net, ref, again):
             m.train(training)
@@ -124,7 +124,7 @@ def test_backend_change_and_checkpoint_across_backends(backend):
         target.load_state_dict(torch.load(buf), strict=True)
         assert_state_equal(src, target)
         src.eval(), target.eval()
-        img = torch.randn(3, 3, 8, 8)
+        img = torch.randn(2, 3, 4, 4)
         torch.testing.assert_close(target(img), src(img), rtol=1e-4, atol=1e-5)
 
 

@@ -89,13 +89,13 @@ def test_max_samples_layers_and_errors():
 @pytest.mark.skipif(not HAS_MPL, reason="matplotlib is not installed")
 def test_plots(tmp_path):
     runs = {}
-    img = torch.randn(3, 3, 8, 8)
+    img = torch.randn(3, 3, 4, 4)
     for mode in ("se", "pair_2x1", "folded_3x3"):
         net = tiny_net(mode).eval()
         with AttentionRecorder(net) as rec, torch.no_grad():
             net(img)
         runs[mode] = rec.records
-    plot_maps(runs["folded_3x3"], tmp_path / "maps.png")
+    plot_maps(runs["folded_3x3"], tmp_path / "maps.png", blocks=["stages.0.0.se", "stages.2.2.se"])
     plot_maps(runs["se"], tmp_path / "maps_se.png", sample=1, blocks=[0, 8])
     plot_gate_curves(runs["pair_2x1"], tmp_path / "gates.png")
     plot_gate_stats(runs, tmp_path / "stats.png")
