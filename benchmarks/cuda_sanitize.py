@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
-import cmpe_se_fused._C  # noqa: F401  (schemas)
+import cmpe_se_fused._C
 import cmpe_se_fused._C_cuda  # noqa: F401  (CUDA kernels)
+import torch
 
 MODES = ("se", "double_fc", "pair_2x1", "pair_1x1", "folded_3x3")
 KSIZE = {"pair_2x1": (1, 2), "pair_1x1": (1, 1), "folded_3x3": (3, 3)}
@@ -30,7 +29,7 @@ def relation_dim(mode, c, m, pad):
 
 
 def run(mode, dtype, shape, layout, training, fold_width=8, padding=0):
-    n, c, h, w = shape
+    c = shape[1]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     dev = "cuda"
     fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
@@ -57,7 +56,7 @@ def run(mode, dtype, shape, layout, training, fold_width=8, padding=0):
                                        pair_w, bn_w, bn_b, mode, training, fold_width, padding)
     torch.cuda.synchronize()
     bad = [i for i, t in enumerate((*out, *grads)) if t.is_floating_point() and not torch.isfinite(t).all()]
-    print(f"{mode:10s} {str(dtype):15s} {str(shape):18s} {layout:4s} {'train' if training else 'eval ':5s} "
+    print(f"{mode:10s} {dtype!s:15s} {shape!s:18s} {layout:4s} {'train' if training else 'eval ':5s} "
           f"{'non-finite outputs ' + str(bad) if bad else 'ok'}", flush=True)
     return not bad
 

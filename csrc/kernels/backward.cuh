@@ -292,7 +292,7 @@ __device__ void backward_body(const BackwardParams& p, const Launch& l, const Sm
 
 template <typename T, int V>
 __global__ void __launch_bounds__(512, 1) cmpe_se_backward_kernel(BackwardParams p, Launch l) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  CMPE_SE_DYNAMIC_SMEM(smem);
   const SmemPlan pl = smem_plan(p.g, (int)sizeof(acc_t<T>), true, l.threads, l.vec);
   const Smem<acc_t<T>> sm(smem, pl, p.g);
   switch (p.g.mode) {

@@ -8,6 +8,13 @@
 
 #include "cmpe_se.h"
 
+// Shared-memory declarations through macros so that a host-side emulator (threads as OS
+// threads) can compile the same device code.
+#ifndef CMPE_SE_DYNAMIC_SMEM
+#define CMPE_SE_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define CMPE_SE_SHARED_VAR(type, name) __shared__ type name
+#endif
+
 namespace cmpe_se {
 
 // ---- dtypes --------------------------------------------------------------------------------
@@ -122,7 +129,7 @@ struct GridBarrier {
 
   template <typename F>
   __device__ __forceinline__ void sync(F&& last) {
-    __shared__ int is_last;
+    CMPE_SE_SHARED_VAR(int, is_last);
     __syncthreads();
     ++epoch;
     if (threadIdx.x == 0) {
