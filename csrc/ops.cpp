@@ -6,10 +6,21 @@
 
 #include "cpu/cpu_ops.h"
 
+#include "cpu/kernels.h"
+
+namespace {
+// cmpe_se_fused._C.cpu_isa(): which build of the CPU kernels this machine runs ("avx2" or "default").
+PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(cmpe_se::cpu::isa_name()); }
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction-set build of the CPU kernels in use: 'avx2' or 'default'."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" {
-// No Python functions: the ops are reached through torch.ops.cmpe_se.*.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// The ops themselves are reached through torch.ops.cmpe_se.*; importing this module registers them.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

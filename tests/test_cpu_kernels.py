@@ -272,14 +272,14 @@ def test_backward_rejects_bad_inputs():
 def test_baseline_isa_build():
     """The x86-64 baseline build of the kernels (chosen on CPUs without AVX2) is correct too."""
     code = (
-        "import sys, torch; sys.path.insert(0, %r); import test_cpu_kernels as t\n"
+        "import sys, torch; sys.path.insert(0, TESTS); import test_cpu_kernels as t\n"
         "dts = (torch.float32, torch.bfloat16, torch.float16, torch.float64)\n"
         "for i, mode in enumerate(t.MODES):\n"
         "    t.check_all(mode, dts[i % 4], True, shape=(3, 24, 3, 5))\n"
         "    t.check_all(mode, dts[(i + 1) % 4], False, shape=(2, 20, 3, 3), fold_width=4, channels_last=True)\n"
-        "print('ok')\n" % os.path.dirname(os.path.abspath(__file__))
-    )
+        "import cmpe_se_fused._C as C; print('ok', C.cpu_isa())\n"
+    ).replace("TESTS", repr(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, CMPE_SE_CPU_ISA="default")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
+    assert res.returncode == 0 and "ok default" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
 
