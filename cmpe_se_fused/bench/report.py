@@ -184,9 +184,13 @@ def compare_lines(cmp_, md=False, limit=40) -> list[str]:
 
 
 def write_json(result, path):
+    """Everything but the rows indented; one row per line (thousands of rows in the gpu preset:
+    compact and diff-friendly). Written to a temporary file and renamed: never half a file."""
+    head = [f" {json.dumps(k)}: {json.dumps(v, indent=1, default=str)}" for k, v in result.items() if k != "rows"]
+    rows = ",\n".join(f"  {json.dumps(r, default=str)}" for r in result.get("rows", []))
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+        f.write("{\n" + ",\n".join([*head, f' "rows": [\n{rows}\n ]']) + "\n}\n")
     os.replace(tmp, path)
 
 
