@@ -8,19 +8,23 @@ statistics of the global batch instead:
     S1 = all_reduce(sum a_i),  S2 = all_reduce(sum a_i^2),  M = all_reduce(count)
     mu_i = S1 / M,             var_i = S2 / M - mu_i^2        (biased; running_var gets M/(M-1))
 
-The maps ``a_i`` are ``N x e x map`` (a few hundred numbers per sample), so the all-reduce is tiny;
-sums are taken in float64 so the one-pass variance loses nothing. The all-reduce is
-``torch.distributed.nn.functional.all_reduce``, which is autograd-aware (its backward
-all-reduces the incoming gradients), so the backward is the synchronised-BN backward: every
-rank's ``da`` uses the global ``mean(db)`` and ``mean(db * n)``. The small network (squeeze,
-pair-view conv, BN, MLP, gate) and the rescale ``Y = s * U + X`` then run in the eager reference
-pieces of :mod:`cmpe_se_fused.reference` (the fused ops compute the BN statistics inside the
-kernel and cannot take global ones). This path is used only where it matters: training mode, a
-pair mode, and an initialised process group of more than one rank; everywhere else (evaluation,
-``se``/``double_fc``, single process) the layer is the fused :class:`CMPESE`, bit for bit.
+How (:class:`SyncCMPESE`, training mode, a pair mode, more than one rank):
 
-State dicts keep the SPEC names (``pair_bn`` stays an ``nn.BatchNorm2d``), so checkpoints move
-freely between ``SyncCMPESE``, ``CMPESE`` and ``CMPESEReference``.
+1. the pools and the pair-view maps ``a_i`` (``N x e x map``, tiny) are computed with the eager
+   pieces of :mod:`cmpe_se_fused.reference` (one extra read of U and X), and the statistics with
+   one autograd-aware all-reduce (``torch.distributed.nn.functional.all_reduce``; float64 sums);
+2. the fused op of the layer's backend then runs with those statistics in place of the running
+   ones (evaluation-mode BN: it normalises with what it is given), so ``Y = s * U + X`` and its
+   backward stay fused; the running statistics are updated here, identically on every rank;
+3. backward: the op's backward treats the statistics as constants; :class:`_FusedGivenStats` adds
+   their own gradients (from the op's ``dgamma``/``dbeta``), which autograd carries through the
+   all-reduce to every rank's maps, pools, U and X: the synchronised-BN backward (global
+   ``mean(db)`` and ``mean(db * n)``).
+
+Everywhere else (evaluation, ``se``/``double_fc``, a single process) the layer is the fused
+:class:`CMPESE`, bit for bit. State dicts keep the SPEC names (``pair_bn`` stays an
+``nn.BatchNorm2d``), so checkpoints move freely between ``SyncCMPESE``, ``CMPESE`` and
+``CMPESEReference``.
 """
 from __future__ import annotations
 
@@ -32,16 +36,12 @@ from torch import nn
 
 from . import reference
 from .convert import _adopt, _plain_bn, _swap, is_cmpe_se_layer, layer_config
+from .dispatch import choose
+from .functional import validate
 from .modules import CMPESE
 from .reference import PAIR_MODES, acc_dtype
 
-__all__ = [
-    "SyncCMPESE",
-    "convert_sync_batchnorm",
-    "convert_sync_cmpe_se",
-    "revert_sync_cmpe_se",
-    "synced_batch_norm",
-]
+__all__ = ["SyncCMPESE", "convert_sync_batchnorm", "convert_sync_cmpe_se", "global_batch_stats", "revert_sync_cmpe_se"]
 
 
 def _world_size(group) -> int:
@@ -50,30 +50,56 @@ def _world_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def synced_batch_norm(a, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, group=None):
-    """:func:`cmpe_se_fused.reference.batch_norm` with the statistics of every rank's ``a``.
+def global_batch_stats(a: torch.Tensor, group=None):
+    """Per filter, over every rank's ``a: (N, e, Hm, Wm)``: ``(mean, biased var, count)``.
 
-    ``a: (N, e, Hm, Wm)`` (``N`` may differ between ranks, and be 0). Differentiable: gradients
-    flow to every rank's ``a`` through the autograd-aware all-reduce.
+    ``N`` may differ between ranks. Differentiable: the all-reduce is autograd-aware, so gradients
+    of the statistics reach every rank's ``a``. Sums in float64 (the one-pass variance is safe).
     """
-    if not training:
-        return reference.batch_norm(a, bn_weight, bn_bias, running_mean, running_var, False, momentum, eps)
     from torch.distributed.nn.functional import all_reduce
     e = a.shape[1]
     a64 = a.to(torch.float64)
-    count = a64.new_full((e,), a.numel() // e if e else 0)
-    local = torch.cat([a64.sum((0, 2, 3)), (a64 * a64).sum((0, 2, 3)), count])
+    local = torch.cat([a64.sum((0, 2, 3)), (a64 * a64).sum((0, 2, 3)), a64.new_full((e,), a.numel() // e)])
     total = all_reduce(local, op=dist.ReduceOp.SUM, group=group) if _world_size(group) > 1 else local
-    s1, s2, m = total[:e], total[e:2 * e], total[2 * e:].detach()  # no .item(): no host sync per layer
-    mean64 = s1 / m
-    var64 = (s2 / m - mean64 * mean64).clamp_min(0)
-    with torch.no_grad():
-        running_mean.mul_(1 - momentum).add_((momentum * mean64).to(running_mean.dtype))
-        running_var.mul_(1 - momentum).add_((momentum * var64 * (m / (m - 1))).to(running_var.dtype))
-    mean, var = mean64.to(a.dtype), var64.to(a.dtype)
-    invstd = torch.rsqrt(var + eps)
-    b = (a - mean.view(1, e, 1, 1)) * (invstd * bn_weight).view(1, e, 1, 1) + bn_bias.view(1, e, 1, 1)
-    return b, mean, invstd
+    s1, s2, count = total[:e], total[e:2 * e], total[2 * e:].detach()  # no .item(): no host sync per layer
+    mean = s1 / count
+    var = (s2 / count - mean * mean).clamp_min(0)
+    return mean.to(a.dtype), var.to(a.dtype), count
+
+
+class _FusedGivenStats(torch.autograd.Function):
+    """The fused op with the pair-view BN statistics as differentiable *inputs*.
+
+    Forward: the op in evaluation-mode BN, with ``mean``/``var`` in place of the running
+    statistics, so it normalises with them (and updates nothing). Backward: the op's backward
+    (affine BN: statistics held constant) plus the gradients of the statistics themselves, which
+    follow from the op's ``dgamma = sum(db * n)`` and ``dbeta = sum(db)`` of this rank:
+    ``dL/dmean = -gamma * invstd * dbeta``, ``dL/dvar = -gamma * invstd^2 * dgamma / 2``.
+    Autograd carries those through :func:`global_batch_stats` to every rank's maps: together the
+    synchronised-BN backward of SPEC section 2.
+    """
+
+    @staticmethod
+    def forward(ctx, u, x, fc1, fc2, pair_w, bn_w, bn_b, mean, var, ops, cfg):
+        mode, eps, fold_width, padding = cfg
+        outs = ops[0](u, x, fc1, None, fc2, pair_w, bn_w, bn_b, mean.clone(), var.clone(), mode, False, 0.0, eps,
+                      fold_width, padding)
+        y, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd = outs
+        ctx.save_for_backward(u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1, fc2, pair_w, bn_w, bn_b)
+        ctx.ops, ctx.cfg = ops, cfg
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1, fc2, pair_w, bn_w, bn_b = ctx.saved_tensors
+        mode, _eps, fold_width, padding = ctx.cfg
+        g_u, g_x, g_fc1, _, g_fc2, g_pair, g_w, g_b = ctx.ops[1](
+            grad_y, u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1, None, fc2, pair_w, bn_w, bn_b,
+            mode, False, fold_width, padding)
+        g_mean = -bn_w * bn_invstd * g_b
+        g_var = -0.5 * bn_w * bn_invstd * bn_invstd * g_w
+        return g_u, g_x, g_fc1, g_fc2, g_pair, g_w, g_b, g_mean, g_var, None, None
 
 
 class SyncCMPESE(CMPESE):
@@ -104,17 +130,25 @@ class SyncCMPESE(CMPESE):
     def _sync_forward(self, u, x):
         acc = acc_dtype(u.dtype)
         bn = self.pair_bn
+        fc1, fc2, pair_w = self.fc1.weight.to(acc), self.fc2.weight.to(acc), self.pair_conv.weight.to(acc)
+        bn_w, bn_b = bn.weight.to(acc), bn.bias.to(acc)
+        validate(u, x, fc1, fc2, None, pair_w, bn_w, bn_b, bn.running_mean, bn.running_var, mode=self.mode,
+                 training=False, fold_width=self.fold_width, padding=self.padding)
+        chosen = choose(self.backend, u)
+        ops = (reference.forward_op_reference, reference.backward_op_reference) if chosen.name == "reference" \
+            else chosen.ops
         bn.num_batches_tracked.add_(1)
         momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        # the statistics need the pools before the op runs: one extra read of U and X (2T of the ~7T)
         pool_u, pool_x = reference.squeeze(u, x)
-        a = reference.pair_view_conv(pool_u, pool_x, self.pair_conv.weight.to(acc), self.mode, self.fold_width,
-                                     self.padding)
-        b, _, _ = synced_batch_norm(a, bn.weight.to(acc), bn.bias.to(acc), bn.running_mean, bn.running_var,
-                                    True, momentum, bn.eps, self.process_group)
-        z = b.mean(1).flatten(1)
-        hidden = torch.relu(z @ self.fc1.weight.to(acc).t())
-        gate = torch.sigmoid(hidden @ self.fc2.weight.to(acc).t())
-        return reference.rescale(gate, u, x)
+        a = reference.pair_view_conv(pool_u, pool_x, pair_w, self.mode, self.fold_width, self.padding)
+        mean, var, count = global_batch_stats(a, self.process_group)
+        with torch.no_grad():
+            bn.running_mean.mul_(1 - momentum).add_((momentum * mean).to(bn.running_mean.dtype))
+            unbiased = var.to(torch.float64) * (count / (count - 1))
+            bn.running_var.mul_(1 - momentum).add_((momentum * unbiased).to(bn.running_var.dtype))
+        return _FusedGivenStats.apply(u, x, fc1, fc2, pair_w, bn_w, bn_b, mean, var, ops,
+                                      (self.mode, float(bn.eps), int(self.fold_width), int(self.padding)))
 
     def extra_repr(self):
         return super().extra_repr() + ", sync_stats=True"

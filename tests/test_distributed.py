@@ -100,6 +100,22 @@ def check_sync_layer(rank, mode, backend):
         assert torch.equal(synced(u[sl], x[sl]), single(u[sl], x[sl]))
 
 
+def check_sync_autocast(rank, backend):
+    """Under bf16 autocast the synchronised layer matches the single-process one on bf16 inputs."""
+    single = layer("folded_3x3", backend).float()
+    synced = convert_sync_cmpe_se(copy.deepcopy(single))
+    g = torch.Generator().manual_seed(5)
+    u, x = (torch.randn(sum(SPLITS), 16, 3, 3, generator=g) for _ in range(2))
+    sl = my_slice(rank)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = synced(u[sl], x[sl])
+    # SPEC: under autocast the layer runs on bf16 inputs with an fp32 small network
+    y_full = single(u.bfloat16(), x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_full[sl].float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(synced.state_dict(), single.state_dict(), rtol=1e-5, atol=1e-6)
+
+
 def check_local_stats(rank, mode, backend):
     """Without sync, each rank's pair_bn normalises with its own part of the batch."""
     single = layer(mode, backend)
@@ -150,6 +166,7 @@ def _worker(rank, world, port):
             for mode in PAIR_MODES:
                 check_sync_layer(rank, mode, backend)
                 check_local_stats(rank, mode, backend)
+            check_sync_autocast(rank, backend)
             for mode, sync in (("folded_3x3", True), ("pair_2x1", True), ("folded_3x3", False), ("se", True)):
                 check_ddp(rank, mode, backend, sync)
     finally:
