@@ -81,8 +81,9 @@ class Progress:
         if not sys.stderr.isatty() or os.environ.get("CMPE_SE_BENCH_NO_PROGRESS"):
             return
         try:
+            from rich.console import Console
             from rich.progress import Progress as RichProgress
-            self._rich = RichProgress(transient=True)
+            self._rich = RichProgress(transient=True, console=Console(stderr=True))
             self._task = self._rich.add_task("bench", total=total)
             self._rich.start()
         except ImportError:
@@ -91,6 +92,8 @@ class Progress:
                 self._tqdm = tqdm(total=total, leave=False)
             except ImportError:
                 pass
+        if self._rich is not None or self._tqdm is not None:
+            _ACTIVE[:] = [self]
 
     def advance(self, desc: str):
         if self._rich is not None:
@@ -100,6 +103,7 @@ class Progress:
             self._tqdm.update(1)
 
     def close(self):
+        _ACTIVE.clear()
         if self._rich is not None:
             self._rich.stop()
         elif self._tqdm is not None:
@@ -355,5 +359,13 @@ def _exc_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
+_ACTIVE: list = []  # the live progress bar, if any: log lines go above it
+
+
 def _log(msg: str):
-    print(msg, file=sys.stderr, flush=True)
+    if _ACTIVE and _ACTIVE[0]._rich is not None:
+        _ACTIVE[0]._rich.console.print(msg, highlight=False, markup=False)
+    elif _ACTIVE and _ACTIVE[0]._tqdm is not None:
+        _ACTIVE[0]._tqdm.write(msg, file=sys.stderr)
+    else:
+        print(msg, file=sys.stderr, flush=True)
