@@ -329,25 +329,26 @@ def _weight_grad_kernel(dg, hidden, dhp, pu, px, pw, gamma, beta, bn_mean, bn_in
     pid = tl.program_id(0)
     ii = tl.arange(0, BLOCK_R)
     rm = ii < R_TOT
+    # names differ per branch: Triton requires same-named values to agree in type across branches
     if pid >= NB_W:
         if MODE >= 2:
             n = pid - NB_W
             for c0 in range(0, C, BLOCK_CP):
-                c = c0 + tl.arange(0, BLOCK_CP)
-                cm = c < C
+                cp = c0 + tl.arange(0, BLOCK_CP)
+                cpm = cp < C
                 for f in tl.static_range(2):
-                    d = _pair_cell_grad(pu + n * C, px + n * C, dz + n * DZ, coef, c, cm, f, TRAINING, MODE, J, JP,
-                                        FOLD_M, FOLD_ROWS, OC, PAD, ACC, BLOCK_CP)
-                    tl.store(dpool + n * 2 * C + f * C + c, d, mask=cm)
+                    dp = _pair_cell_grad(pu + n * C, px + n * C, dz + n * DZ, coef, cp, cpm, f, TRAINING, MODE, J,
+                                         JP, FOLD_M, FOLD_ROWS, OC, PAD, ACC, BLOCK_CP)
+                    tl.store(dpool + n * 2 * C + f * C + cp, dp, mask=cpm)
     elif pid < NB_W2:
         c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = c < C
-        acc = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
+        acc2 = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
         for n in range(0, N):
             d = tl.load(dg + n * C + c, mask=cm, other=0.0)
             hv = tl.load(hidden + n * R_TOT + ii, mask=rm, other=0.0)
-            acc += d[:, None] * hv[None, :]
-        tl.store(dw2 + c[:, None] * R_TOT + ii[None, :], acc, mask=cm[:, None] & rm[None, :])
+            acc2 += d[:, None] * hv[None, :]
+        tl.store(dw2 + c[:, None] * R_TOT + ii[None, :], acc2, mask=cm[:, None] & rm[None, :])
     else:
         k = (pid - NB_W2) * BLOCK_K + tl.arange(0, BLOCK_K)
         km = k < DZ
@@ -358,25 +359,25 @@ def _weight_grad_kernel(dg, hidden, dhp, pu, px, pw, gamma, beta, bn_mean, bn_in
         else:
             weff = tl.full([JP], 1.0, ACC)
             beff = 0.0
-        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=ACC)
-        for n in range(0, N):
-            dh = tl.load(dhp + n * R_TOT + ii, mask=rm, other=0.0)
+        acc1 = tl.zeros([BLOCK_R, BLOCK_K], dtype=ACC)
+        for n1 in range(0, N):
+            dh = tl.load(dhp + n1 * R_TOT + ii, mask=rm, other=0.0)
             if MODE == 1:
-                zu = tl.load(pu + n * C + k, mask=km, other=0.0)
-                zx = tl.load(px + n * C + k, mask=km, other=0.0)
+                zu = tl.load(pu + n1 * C + k, mask=km, other=0.0)
+                zx = tl.load(px + n1 * C + k, mask=km, other=0.0)
                 z2 = tl.where((ii < R)[:, None], zu[None, :], zx[None, :])
-                acc += dh[:, None] * z2
+                acc1 += dh[:, None] * z2
             else:
-                q = _patch(pu + n * C, px + n * C, k[:, None], jj[None, :], km[:, None],
+                q = _patch(pu + n1 * C, px + n1 * C, k[:, None], jj[None, :], km[:, None],
                            MODE, FOLD_M, FOLD_ROWS, OC, PAD)
                 z = tl.sum(q * weff[None, :], axis=1) + beff
-                acc += dh[:, None] * z[None, :]
+                acc1 += dh[:, None] * z[None, :]
         if MODE == 1:
-            tl.store(dw1 + ii[:, None] * DZ + k[None, :], acc, mask=(ii < R)[:, None] & km[None, :])
-            tl.store(dw1i + (ii[:, None] - R) * DZ + k[None, :], acc,
+            tl.store(dw1 + ii[:, None] * DZ + k[None, :], acc1, mask=(ii < R)[:, None] & km[None, :])
+            tl.store(dw1i + (ii[:, None] - R) * DZ + k[None, :], acc1,
                      mask=((ii >= R) & rm)[:, None] & km[None, :])
         else:
-            tl.store(dw1 + ii[:, None] * DZ + k[None, :], acc, mask=rm[:, None] & km[None, :])
+            tl.store(dw1 + ii[:, None] * DZ + k[None, :], acc1, mask=rm[:, None] & km[None, :])
 
 
 @triton.jit

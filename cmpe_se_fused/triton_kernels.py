@@ -350,7 +350,7 @@ def _stream_config(u, geo, block_c, block_p, chunks):
     if block_p is None:
         block_p = min(_np2(geo.P), 16 if channel_fastest else 128)
     if block_c is None:
-        block_c = max(1, min(_np2(geo.C), elems // block_p, 8192 // _np2(geo.R_TOT)))
+        block_c = max(1, min(_np2(geo.C), elems // block_p, 4096 // _np2(geo.R_TOT)))
     if chunks is None:
         # enough programs for two waves when the batch alone does not fill the device
         chunks = 1 if not u.is_cuda else -(-2 * _sms(u) // geo.N)
@@ -362,7 +362,8 @@ def _stream_config(u, geo, block_c, block_p, chunks):
 def _small_blocks(geo, block_k):
     block_r = _np2(geo.R_TOT)
     if block_k is None:
-        block_k = max(16, min(256, 4096 // block_r))
+        # fc1 tile [BLOCK_R, BLOCK_K] and patch tile [BLOCK_K, JP] both around 2K / 512 elements
+        block_k = max(16, min(256, 2048 // block_r, 512 // geo.JP if geo.JP > 2 else 256))
     block_k = min(block_k, _np2(max(geo.DZ, 2 * geo.C if geo.mode == 1 else geo.DZ)))
     block_m = 16 if geo.JP > 4 else 256
     return block_r, block_k, block_m, _np2(max(geo.E, 1))
@@ -495,7 +496,7 @@ def _backward(grad_y, u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1_w
     dz = u.new_empty((N, dzo), dtype=acc)
     mom = u.new_empty((N, geo.MS), dtype=acc) if pair else dummy
     coef = u.new_empty((3 * geo.JP + geo.JP * geo.JP,), dtype=acc) if pair else dummy
-    block_cs = max(1, min(_np2(C), 4096 // block_r))
+    block_cs = max(1, min(_np2(C), 2048 // block_r))
     small_here = nch == 1
     _grad_gate_kernel[(N, nch)](grad_y, u, gate, dg, hidden, fc1_weight, w1i, fc2_weight, dhp, dz, pool_u, pool_x,
                                 mom, C, geo.P, geo.W, cpp, geo.R, geo.R_TOT, geo.DZ, dzo, *sd[:4], *su[:4], **cx,
@@ -518,7 +519,7 @@ def _backward(grad_y, u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1_w
         dg, hidden, dhp, pool_u, pool_x, pw, gamma, beta, smean, sinv, dw1, dw1i if geo.mode == 1 else dummy,
         dw2, dz, coef, dpool, N, C, geo.R, geo.R_TOT, geo.DZ, geo.E, nb_w2, nb_w, **cx, J=geo.J,
         TRAINING=bool(training), ACC=ACC, BLOCK_C=block_cs, BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_E=block_e,
-        BLOCK_CP=max(1, min(_np2(C), 64)))
+        BLOCK_CP=max(1, min(_np2(C), 64, 512 // geo.JP)))
     _input_grad_kernel[(N, nch)](grad_y, gate, dpool, grad_u, grad_x, C, geo.P, geo.W, dpool.shape[1], cpp,
                                  *sd[:4], *so[:4], HAS_DX=geo.mode != 0, FLAT_D=sd[4], FLAT_O=so[4], ACC=ACC,
                                  BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
