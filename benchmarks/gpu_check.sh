@@ -145,8 +145,13 @@ else
         tail -n 25 "$BUILD_LOG"
     } > "$OUT/ptxas.txt" 2>&1
 fi
-EXT=$(timeout 120 "$PY" -c "import cmpe_se_fused.ops as o; print(';'.join(f'{k}={v or \"loaded\"}' for k, v in o.EXTENSION_STATUS.items()))" 2>&1 | tail -1)
-record extensions INFO 0 "$EXT"
+EXT_OUT=$(timeout 120 "$PY" -c "import cmpe_se_fused.ops as o; print(';'.join(f'{k}={v or \"loaded\"}' for k, v in o.EXTENSION_STATUS.items()))" 2>&1)
+EXT_RC=$?
+if [ "$EXT_RC" -eq 0 ]; then
+    record extensions ok 0 "$(echo "$EXT_OUT" | tail -1)"
+else  # e.g. an abort while loading the extensions: keep the first error line
+    record extensions "FAIL($EXT_RC)" 0 "import cmpe_se_fused.ops: $(echo "$EXT_OUT" | grep -m1 -E 'Error|error|Mismatch|what' | cut -c1-240)"
+fi
 
 # ---- 3. GPU tests ---------------------------------------------------------------------------
 if [ "${GPU_CHECK_SKIP_PYTEST:-0}" = 1 ]; then
