@@ -16,6 +16,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <tuple>
 
 #include "cmpe_se.h"
@@ -97,7 +98,7 @@ int cached_blocks_per_sm(const void* key, int threads, size_t smem, int vec, int
 }
 
 // ---- argument checks ---------------------------------------------------------------------
-Mode parse_mode(c10::string_view s) {
+Mode parse_mode(std::string_view s) {
   if (s == "se") return Mode::SE;
   if (s == "double_fc") return Mode::DOUBLE_FC;
   if (s == "pair_2x1") return Mode::PAIR_2X1;
@@ -266,7 +267,7 @@ StatDtype stat_dtype(const Tensor& t) {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
     const Tensor& u, const Tensor& x, const Tensor& fc1_weight, const OptTensor& fc1_identity_weight,
     const Tensor& fc2_weight, const OptTensor& pair_weight, const OptTensor& bn_weight, const OptTensor& bn_bias,
-    const Tensor& running_mean, const Tensor& running_var, c10::string_view mode_s, bool training, double momentum,
+    Tensor& running_mean, Tensor& running_var, std::string_view mode_s, bool training, double momentum,
     double eps, int64_t fold_width, int64_t padding) {
   const Mode mode = parse_mode(mode_s);
   TORCH_CHECK(u.is_cuda(), "cmpe_se (CUDA): u must be a CUDA tensor, got ", u.device());
@@ -366,7 +367,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
     const Tensor& grad_y, const Tensor& u, const Tensor& pool_u, const Tensor& pool_x, const Tensor& gate,
     const Tensor& hidden, const Tensor& bn_mean, const Tensor& bn_invstd, const Tensor& fc1_weight,
     const OptTensor& fc1_identity_weight, const Tensor& fc2_weight, const OptTensor& pair_weight,
-    const OptTensor& bn_weight, const OptTensor& bn_bias, c10::string_view mode_s, bool training, int64_t fold_width,
+    const OptTensor& bn_weight, const OptTensor& bn_bias, std::string_view mode_s, bool training, int64_t fold_width,
     int64_t padding) {
   const Mode mode = parse_mode(mode_s);
   TORCH_CHECK(u.is_cuda(), "cmpe_se (CUDA): u must be a CUDA tensor, got ", u.device());
