@@ -281,6 +281,65 @@ def test_functional_backend():
 
 
 # ------------------------------------------------------------------------------------------------
+# CPU: compile every kernel for sm_90 (no GPU needed; catches what the interpreter accepts but the
+# compiler does not, e.g. type mismatches between branches)
+# ------------------------------------------------------------------------------------------------
+
+_COMPILE_SCRIPT = r"""
+import sys
+import torch
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    class _Sm90:  # a driver that only answers what compilation asks
+        def get_current_device(self): return 0
+        def get_current_stream(self, device=None): return 0
+        def get_current_target(self): return GPUTarget("cuda", 90, 32)
+        def get_active_torch_device(self): return torch.device("cpu")
+        def is_active(self): return True
+
+    driver.set_active(_Sm90())
+    JITFunction.__getitem__ = lambda self, grid: (lambda *a, **k: self.run(*a, grid=grid, warmup=True, **k))
+except Exception as exc:
+    print("SETUP", repr(exc))
+    sys.exit(3)
+sys.path.insert(0, sys.argv[1])
+from conftest import make_params
+from cmpe_se_fused import triton_kernels as tk
+from cmpe_se_fused.reference import MODES
+NAMES = ("fc1_weight", "fc1_identity_weight", "fc2_weight", "pair_weight", "bn_weight", "bn_bias")
+configs = [(m, t, torch.float32, (8, 64, 4, 4), False, True) for m in MODES for t in (True, False)]
+configs += [("folded_3x3", True, torch.bfloat16, (8, 64, 4, 4), True, False), ("se", False, torch.float16, (8, 64, 7, 7),
+            True, False), ("double_fc", True, torch.float64, (2, 32, 1, 3), False, False)]
+for mode, training, dtype, shape, cl, single in configs:
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    u = torch.randn(shape).to(dtype)
+    if cl:
+        u = u.to(memory_format=torch.channels_last)
+    p = make_params(mode, shape[1], reduction=4, pair_filters=3, fold_width=16, dtype=acc)
+    w = [p.get(k) for k in NAMES]
+    rm, rv = p.get("running_mean", torch.zeros(0)).float(), p.get("running_var", torch.zeros(0)).float()
+    out = tk._forward(u, u, *w, rm, rv, mode, training, 0.1, 1e-5, 16, 0, single, None if single else 2,
+                      None, None, None, 4)
+    tk._backward(u, u, *out[1:], *w, mode, training, 16, 0, None if single else 2, None, None, None, 4)
+print("OK")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _CPU_ONLY, reason="on a GPU the other tests compile every kernel")
+def test_compiles_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, os.path.dirname(__file__)], env=env,
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    if res.returncode == 3:
+        pytest.skip(f"cannot fake an sm_90 target with this triton: {res.stdout.strip()}")
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-6000:]
+
+
+# ------------------------------------------------------------------------------------------------
 # GPU: real shapes, bf16, tuning sweep
 # ------------------------------------------------------------------------------------------------
 
