@@ -8,8 +8,11 @@ from . import functional, models, reference
 from .dispatch import BACKEND_NAMES, availability
 from .functional import cmpe_se
 from .modules import CMPESE
+from . import convert, distributed, viz  # noqa: E402,F401  (viz imports matplotlib only when plotting)
+from .convert import convert_model, revert_model
+from .distributed import SyncCMPESE, convert_sync_cmpe_se
 from .reference import MODES, CMPESEReference
 
 __version__ = "0.1.0"
 __all__ = ["CMPESE", "CMPESEReference", "cmpe_se", "functional", "models", "reference", "MODES", "BACKEND_NAMES",
-           "availability", "__version__"]
+           "availability", "convert_model", "revert_model", "SyncCMPESE", "convert_sync_cmpe_se", "__version__"]

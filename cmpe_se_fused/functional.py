@@ -9,6 +9,8 @@ applies the autocast policy, picks the backend and runs it. Equivalent eager cod
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import reference
@@ -109,10 +111,14 @@ def cmpe_se(u, x, fc1_weight, fc2_weight, fc1_identity_weight=None, pair_weight=
         u, x = u.to(dtype), x.to(dtype)
     chosen = choose(backend, u)
     if chosen.name == "reference":
-        return reference.cmpe_se_reference(
-            u, x, fc1_weight, fc2_weight, fc1_identity_weight, pair_weight, bn_weight, bn_bias, running_mean,
-            running_var, mode=mode, training=training, momentum=momentum, eps=eps, fold_width=fold_width,
-            padding=padding)
+        # the small network runs in fp32 whatever autocast says (SPEC section 4), as in the kernels
+        no_autocast = (torch.autocast(device_type, enabled=False) if device_type in ("cuda", "cpu")
+                       else contextlib.nullcontext())
+        with no_autocast:
+            return reference.cmpe_se_reference(
+                u, x, fc1_weight, fc2_weight, fc1_identity_weight, pair_weight, bn_weight, bn_bias, running_mean,
+                running_var, mode=mode, training=training, momentum=momentum, eps=eps, fold_width=fold_width,
+                padding=padding)
     acc = acc_dtype(u.dtype)
     cast = (lambda t: None if t is None else t.to(acc))  # noqa: E731
     if mode not in PAIR_MODES:
