@@ -85,8 +85,12 @@ def _load_bn_stats(mean_ptr, var_or_invstd_ptr, E, eps, IS_VAR: tl.constexpr, AC
 
 
 @triton.jit
-def _bn_affine(pw, gamma, beta, mean, invstd, E, J: tl.constexpr, JP: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Collapse conv + BN + filter mean into ``v = w_eff . q + b_eff`` (SPEC useful identities)."""
+def _bn_affine(pw, gamma, beta, mean, invstd, mq, E, J: tl.constexpr, JP: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Collapse conv + BN + filter mean into ``v = w_eff . (q - mq) + b_c`` (SPEC useful identities).
+
+    ``mq`` [JP] is a centre for the patches (the batch mean of q where known, else 0): then
+    ``b_c = mean_i(beta_i + gamma_i invstd_i (w_i . mq - mu_i))`` subtracts the two large terms
+    once per filter, not once per position (the normalised map keeps eager BN's conditioning)."""
     ei = tl.arange(0, BLOCK_E)
     jj = tl.arange(0, JP)
     em = ei < E
@@ -95,16 +99,18 @@ def _bn_affine(pw, gamma, beta, mean, invstd, E, J: tl.constexpr, JP: tl.constex
     b = tl.load(beta + ei, mask=em, other=0.0)
     scale = g * invstd
     weff = tl.sum(w * scale[:, None], axis=0) / E
-    beff = tl.sum(b - scale * mean, axis=0) / E
+    delta = tl.sum(w * mq[None, :], axis=1) - mean
+    beff = tl.sum(b + scale * delta, axis=0) / E
     return weff, beff
 
 
 @triton.jit
-def _hidden(pu_row, px_row, w1, w1i, weff, beff, C, R, R_TOT, DZ,
+def _hidden(pu_row, px_row, w1, w1i, weff, mq, beff, C, R, R_TOT, DZ,
             MODE: tl.constexpr, JP: tl.constexpr, FOLD_M: tl.constexpr, FOLD_ROWS: tl.constexpr,
             OC: tl.constexpr, PAD: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr,
             BLOCK_R: tl.constexpr):
-    """``h = relu(W1 z)`` of one sample ([BLOCK_R], zero past R_TOT); z built chunk by chunk."""
+    """``h = relu(W1 z)`` of one sample ([BLOCK_R], zero past R_TOT); z built chunk by chunk,
+    ``z = w_eff . (q - mq) + b_eff`` (se: w_eff = 1, mq = b_eff = 0)."""
     ii = tl.arange(0, BLOCK_R)
     kk = tl.arange(0, BLOCK_K)
     jj = tl.arange(0, JP)
@@ -122,7 +128,7 @@ def _hidden(pu_row, px_row, w1, w1i, weff, beff, C, R, R_TOT, DZ,
             h += tl.sum(wa * zu[None, :] + wb * zx[None, :], axis=1)
         else:
             q = _patch(pu_row, px_row, k[:, None], jj[None, :], km[:, None], MODE, FOLD_M, FOLD_ROWS, OC, PAD)
-            z = tl.sum(q * weff[None, :], axis=1) + beff
+            z = tl.sum((q - mq[None, :]) * weff[None, :], axis=1) + beff
             w = tl.load(w1 + ii[:, None] * DZ + k[None, :], mask=(ii[:, None] < R_TOT) & km[None, :], other=0.0)
             h += tl.sum(w * z[None, :], axis=1)
     return tl.maximum(h, 0.0)
@@ -196,7 +202,7 @@ def _combine_moments(mom, N, DM, ACC: tl.constexpr, JP: tl.constexpr, DO_DV: tl.
 
 
 @triton.jit
-def _bn_stats_kernel(mom, pw, bn_mean, bn_invstd, run_mean, run_var, N, DM, E,
+def _bn_stats_kernel(mom, pw, bn_mean, bn_invstd, qmean, run_mean, run_var, N, DM, E,
                      eps_hi, eps_lo, mom_hi, mom_lo,
                      ACC: tl.constexpr, J: tl.constexpr, JP: tl.constexpr, BLOCK_E: tl.constexpr):
     """Training BN statistics of every filter from the patch moments; updates the running stats.
@@ -216,6 +222,7 @@ def _bn_stats_kernel(mom, pw, bn_mean, bn_invstd, run_mean, run_var, N, DM, E,
     momentum = _split_float(mom_hi, mom_lo, ACC)
     tl.store(bn_mean + ei, mu, mask=em)
     tl.store(bn_invstd + ei, _rsqrt(var + eps, ACC), mask=em)
+    tl.store(qmean + jj, mq)
     old_m = tl.load(run_mean + ei, mask=em, other=0.0).to(ACC)
     old_v = tl.load(run_var + ei, mask=em, other=0.0).to(ACC)
     tl.store(run_mean + ei, (1.0 - momentum) * old_m + momentum * mu, mask=em)
@@ -355,9 +362,11 @@ def _weight_grad_kernel(dg, hidden, dhp, pu, px, pw, gamma, beta, bn_mean, bn_in
         jj = tl.arange(0, JP)
         if MODE >= 2:
             mean, invstd = _load_bn_stats(bn_mean, bn_invstd, E, 0.0, False, ACC, BLOCK_E)
-            weff, beff = _bn_affine(pw, gamma, beta, mean, invstd, E, J, JP, BLOCK_E)
+            mq = tl.load(coef + JP + jj)  # batch mean of the patches (_pair_backward_stats_kernel)
+            weff, beff = _bn_affine(pw, gamma, beta, mean, invstd, mq, E, J, JP, BLOCK_E)
         else:
             weff = tl.full([JP], 1.0, ACC)
+            mq = tl.zeros([JP], dtype=ACC)
             beff = 0.0
         acc1 = tl.zeros([BLOCK_R, BLOCK_K], dtype=ACC)
         for n1 in range(0, N):
@@ -370,7 +379,7 @@ def _weight_grad_kernel(dg, hidden, dhp, pu, px, pw, gamma, beta, bn_mean, bn_in
             else:
                 q = _patch(pu + n1 * C, px + n1 * C, k[:, None], jj[None, :], km[:, None],
                            MODE, FOLD_M, FOLD_ROWS, OC, PAD)
-                z = tl.sum(q * weff[None, :], axis=1) + beff
+                z = tl.sum((q - mq[None, :]) * weff[None, :], axis=1) + beff
                 acc1 += dh[:, None] * z[None, :]
         if MODE == 1:
             tl.store(dw1 + ii[:, None] * DZ + k[None, :], acc1, mask=(ii < R)[:, None] & km[None, :])

@@ -134,7 +134,7 @@ if triton is not None:
 
     @triton.jit
     def _excite_kernel(u, x, y, pu, px, gate, hidden, w1, w1i, w2, pw, gamma, beta, stat_mean, stat_var,
-                       bn_mean, bn_invstd, C, P, W, R, R_TOT, DZ, E, CPP, eps_hi, eps_lo,
+                       bn_mean, bn_invstd, qmean, C, P, W, R, R_TOT, DZ, E, CPP, eps_hi, eps_lo,
                        su_n, su_c, su_h, su_w, sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w,
                        MODE: tl.constexpr, J: tl.constexpr, JP: tl.constexpr, FOLD_M: tl.constexpr,
                        FOLD_ROWS: tl.constexpr, OC: tl.constexpr, PAD: tl.constexpr,
@@ -145,7 +145,8 @@ if triton is not None:
         """Grid (N, chunks): [squeeze (SQUEEZE, chunks == 1)], gate of ``CPP`` channels, rescale.
 
         ``stat_mean``/``stat_var``: running stats (STATS_ARE_RUNNING, evaluation; program (0, 0)
-        then writes ``bn_mean``/``bn_invstd``) or the batch ``bn_mean``/``bn_invstd``."""
+        then writes ``bn_mean``/``bn_invstd``) or the batch ``bn_mean``/``bn_invstd`` (training;
+        ``qmean``: the batch mean of the patches, the centre of the affine map)."""
         n = tl.program_id(0)
         chunk = tl.program_id(1)
         u_row = u + n.to(tl.int64) * su_n
@@ -168,11 +169,16 @@ if triton is not None:
                 first = (ei < E) & (n == 0) & (chunk == 0)
                 tl.store(bn_mean + ei, mean, mask=first)
                 tl.store(bn_invstd + ei, invstd, mask=first)
-            weff, beff = _bn_affine(pw, gamma, beta, mean, invstd, E, J, JP, BLOCK_E)
+            if STATS_ARE_RUNNING:
+                mq = tl.zeros([JP], dtype=ACC)
+            else:
+                mq = tl.load(qmean + tl.arange(0, JP))
+            weff, beff = _bn_affine(pw, gamma, beta, mean, invstd, mq, E, J, JP, BLOCK_E)
         else:
             weff = tl.full([JP], 1.0, ACC)
+            mq = tl.zeros([JP], dtype=ACC)
             beff = 0.0
-        h = _hidden(pu + n * C, px + n * C, w1, w1i, weff, beff, C, R, R_TOT, DZ, MODE, JP, FOLD_M, FOLD_ROWS,
+        h = _hidden(pu + n * C, px + n * C, w1, w1i, weff, mq, beff, C, R, R_TOT, DZ, MODE, JP, FOLD_M, FOLD_ROWS,
                     OC, PAD, ACC, BLOCK_K, BLOCK_R)
         ii = tl.arange(0, BLOCK_R)
         tl.store(hidden + n * R_TOT + ii, h, mask=(ii < R_TOT) & (chunk == 0))
@@ -433,16 +439,17 @@ def _forward(u, x, fc1_weight, fc1_identity_weight, fc2_weight, pair_weight, bn_
             _moments_kernel[(N,)](pool_u, pool_x, mom, C, **cx, DM=geo.DM, ACC=ACC, BLOCK_M=block_m)
     if train_bn:
         mom_hi, mom_lo = _split(momentum)
-        _bn_stats_kernel[(1,)](mom, pw, bn_mean, bn_invstd, running_mean, running_var, N, geo.DM, geo.E,
+        qmean = u.new_empty((geo.JP,), dtype=acc)
+        _bn_stats_kernel[(1,)](mom, pw, bn_mean, bn_invstd, qmean, running_mean, running_var, N, geo.DM, geo.E,
                                eps_hi, eps_lo, mom_hi, mom_lo, ACC=ACC, J=geo.J, JP=geo.JP, BLOCK_E=block_e)
         stat_mean, stat_var = bn_mean, bn_invstd
     elif pair:
-        stat_mean, stat_var = running_mean, running_var
+        stat_mean, stat_var, qmean = running_mean, running_var, dummy
     else:
-        stat_mean = stat_var = dummy
+        stat_mean = stat_var = qmean = dummy
     squeeze_here = mom is None
     _excite_kernel[(N, nch)](u, x, y, pool_u, pool_x, gate, hidden, fc1_weight, w1i, fc2_weight, pw, gamma, beta,
-                             stat_mean, stat_var, bn_mean, bn_invstd, C, geo.P, geo.W, geo.R, geo.R_TOT, geo.DZ,
+                             stat_mean, stat_var, bn_mean, bn_invstd, qmean, C, geo.P, geo.W, geo.R, geo.R_TOT, geo.DZ,
                              geo.E, cpp, eps_hi, eps_lo, *su[:4], *sx[:4], *sy[:4], **cx, J=geo.J,
                              SQUEEZE=squeeze_here, STATS_ARE_RUNNING=pair and not train_bn,
                              FLAT_U=su[4], FLAT_X=sx[4], FLAT_Y=sy[4], ACC=ACC, BLOCK_C=block_c, BLOCK_P=block_p,
