@@ -20,8 +20,13 @@ int backward_prepare(int threads, size_t smem, int vec, int* blocks_per_sm) {
   int dev = 0, optin = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  // The dynamic limit is the opt-in maximum minus the kernel's static shared memory: asking for
+  // the whole opt-in size is cudaErrorInvalidValue (seen on an H200, 2026-11-26).
+  cudaFuncAttributes attr{};
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, k);
+  const int dyn_max = optin - static_cast<int>(attr.sharedSizeBytes);
   if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, optin > (int)smem ? optin : (int)smem);
+    err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn_max > (int)smem ? dyn_max : (int)smem);
   if (err != cudaSuccess) return (int)err;
   return (int)cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, k, threads, smem);
 }
