@@ -251,7 +251,8 @@ def write_plot(result, path) -> str | None:
         return "no plot: no layer rows"
     shapes = list(dict.fromkeys(f"{r['net']}/{r['stage']}\n{r['N']}x{r['C']}x{r['H']}x{r['W']}" for r in layer))
     provs = providers_of(layer)
-    fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.6 * len(shapes) * max(1, len(provs)) / 3), 7), sharex=True)
+    width_in = min(18.0, max(6.0, 0.3 * len(shapes) * len(provs) + 3))
+    fig, axes = plt.subplots(2, 1, figsize=(width_in, 7), sharex=True)
     width = 0.8 / len(provs)
     for k, p in enumerate(provs):
         spd, frac = [], []
@@ -269,7 +270,7 @@ def write_plot(result, path) -> str | None:
     from matplotlib.ticker import PercentFormatter
     axes[1].yaxis.set_major_formatter(PercentFormatter(1.0))
     axes[1].set_xticks(range(len(shapes)), shapes, fontsize=8)
-    axes[0].legend(fontsize=8, ncol=min(len(provs), 6))
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     m = result["meta"]
     axes[0].set_title(f"cmpe_se_fused on {m['device']['name']} (copy {m['copy_bandwidth']['GBps']:.0f} GB/s, "
                       f"commit {m['git']['short']})", fontsize=9)
