@@ -200,7 +200,7 @@ rm -f "$OUT"/*.tmp
     cat "$STEPS"
     echo
     if [ -f "$OUT/bench.md" ]; then
-        awk '/^## Summary/{p=1} /^## Layer/{p=0} p' "$OUT/bench.md"
+        awk '/^## /{p = ($0 ~ /^## (Summary|Launch variants|End to end)/)} p' "$OUT/bench.md"
         grep -E "^- (MISMATCH|run interrupted|layer .* error|e2e .* error)" "$OUT/bench.md" | head -20
     else
         echo "no bench.md; bench console tail:"

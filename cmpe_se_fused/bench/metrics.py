@@ -36,7 +36,7 @@ LAYER_SCHEMA = {
     "speedup_vs_compile": (float, type(None)), "compile_baseline": (str, type(None)),
     "graph_us": (float, type(None)), "graph_frac_floor": (float, type(None)), "graph_note": (str, type(None)),
     "err_vs_eager": (float, type(None)),
-    "check": (str, type(None)),
+    "check": (str, type(None)), "speedup_vs_default": (float, type(None)),
 }
 E2E_SCHEMA = {"se_mode": (str,), "images_per_s": (float, type(None)), "overhead_vs_plain": (float, type(None))}
 STATUSES = ("ok", "skipped", "error")
@@ -71,7 +71,7 @@ def layer_row(case, pass_: str, provider: str, copy_gbps: float) -> dict:
             "GBps": None, "speedup_vs_eager": None, "speedup_vs_compile": None, "compile_baseline": None,
             "graph_us": None, "graph_frac_floor": None, "graph_note": None, "peak_mem_mb": None,
             "mem_vs_eager": None,
-            "err_vs_eager": None, "check": None}
+            "err_vs_eager": None, "check": None, "speedup_vs_default": None}
 
 
 def row_key(row: dict) -> str:
@@ -103,6 +103,9 @@ def derive(rows: list[dict]) -> list[dict]:
         r["frac_two_pass_floor"] = _ratio(r["two_pass_floor_us"], t)
         r["GBps"] = r["floor_bytes"] / (t * 1e3) if t else None
         r["graph_frac_floor"] = _ratio(r["floor_us"], r.get("graph_us"))
+        if "@" in r["provider"]:  # a launch variant against its backend's default launch
+            default = peer(r, r["provider"].partition("@")[0])
+            r["speedup_vs_default"] = _ratio(default and default["median_us"], t)
         compiled = [c for c in (peer(r, n) for n in COMPILE_NAMES) if c is not None]
         if compiled:
             best = min(compiled, key=lambda c: c["median_us"])

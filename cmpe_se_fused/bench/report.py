@@ -120,6 +120,20 @@ def summary_table(rows) -> tuple[list[str], list[list[str]]]:
     return header, lines
 
 
+def variants_table(rows) -> tuple[list[str], list[list[str]]]:
+    """Launch variants against their backend's default launch, per pass: geomean of
+    default time / variant time (> 1: the variant is faster), and its range."""
+    header = ["variant", "pass", "rows", "geomean vs default", "min", "max"]
+    layer = [r for r in rows if r["kind"] == "layer" and r["status"] == "ok" and r.get("speedup_vs_default")]
+    lines = []
+    for p in providers_of(layer):
+        for ps in FLOOR_T:
+            v = [r["speedup_vs_default"] for r in layer if r["provider"] == p and r["pass"] == ps]
+            if v:
+                lines.append([p, ps, str(len(v)), fmt_x(geomean(v)), fmt_x(min(v)), fmt_x(max(v))])
+    return header, lines
+
+
 def skipped_lines(rows) -> list[str]:
     """One line per distinct (provider, reason) of skipped or failed rows, with a count."""
     counts: dict[tuple, int] = {}
@@ -157,6 +171,9 @@ def write_markdown(result, path):
         parts += ["## Summary", "", markdown_table(h, lines), ""]
     h, lines = layer_table(result["rows"])
     parts += ["## Layer", "", markdown_table(h, lines), ""]
+    h, lines = variants_table(result["rows"])
+    if lines:
+        parts += ["## Launch variants (vs the backend's default launch, same rows)", "", markdown_table(h, lines), ""]
     h, lines = e2e_table(result["rows"])
     if lines:
         parts += ["## End to end (one SGD training step)", "", markdown_table(h, lines), ""]
@@ -197,7 +214,7 @@ def write_json(result, path):
 def print_console(result, file=None):
     """The tables on the console: rich if installed, plain text otherwise."""
     tables = [("Summary", summary_table(result["rows"])), ("Layer", layer_table(result["rows"])),
-              ("End to end", e2e_table(result["rows"]))]
+              ("Launch variants", variants_table(result["rows"])), ("End to end", e2e_table(result["rows"]))]
     try:
         from rich.console import Console
         from rich.table import Table
