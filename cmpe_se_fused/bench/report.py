@@ -193,6 +193,10 @@ def compare_lines(cmp_, md=False, limit=40) -> list[str]:
     head = (f"compare vs {cmp_.get('old_file')}: {cmp_['matched']} rows matched, "
             f"{len(cmp_['regressions'])} regressions (> {100 * cmp_['threshold']:.0f}% slower), "
             f"{len(cmp_['improvements'])} improvements")
+    if cmp_.get("warning"):
+        head += f" -- WARNING: {cmp_['warning']}"
+    if cmp_.get("same_kernels"):
+        head += " (same kernel hash: differences are noise or non-kernel changes)"
     out = (["## Compare", "", head, ""] if md else [head])
     for item in cmp_["regressions"][:limit]:
         out.append(f"{'- ' if md else '  '}REGRESSION {item['key']}: {fmt_us(item['old_us'])} -> "

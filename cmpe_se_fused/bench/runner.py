@@ -330,7 +330,13 @@ class Runner:
         if self.o.compare is not None:
             cmp_ = metrics.compare(self.rows, self.o.compare.get("rows", []), self.o.threshold)
             cmp_["old_file"] = self.o.compare_path
-            cmp_["old_commit"] = self.o.compare.get("meta", {}).get("git", {}).get("short")
+            old_meta = self.o.compare.get("meta", {})
+            cmp_["old_commit"] = old_meta.get("git", {}).get("short")
+            old_dev, new_dev = old_meta.get("device", {}).get("name"), self.result["meta"]["device"]["name"]
+            if old_dev != new_dev:
+                cmp_["warning"] = f"different devices: {old_dev} then, {new_dev} now; times do not compare"
+            if old_meta.get("kernel_hash") == self.result["meta"].get("kernel_hash"):
+                cmp_["same_kernels"] = True
             self.result["compare"] = cmp_
         self.write(partial=False)
         return self.result
