@@ -162,7 +162,9 @@ void run(BwdArgs& a) {
   auto samples = [&](bool do_head, bool do_tail) {
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
       Buffer<A> G(C), dpu(C), dpx(C), scratch(std::max(C, K * D + img_size));
-      for (int64_t n = n0; n < n1; ++n) {
+      // a tails-only pass walks its chunk backwards: the last heads' dY is still in cache
+      for (int64_t i = n0; i < n1; ++i) {
+        const int64_t n = do_head ? i : n1 - 1 - (i - n0);
         if (do_head) head(n, G.data(), dpu.data(), dpx.data(), scratch.data());
         if (do_tail) tail(n, dpu.data(), dpx.data(), scratch.data());
       }

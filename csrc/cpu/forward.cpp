@@ -138,9 +138,10 @@ void run(FwdArgs& a) {
     a.filt.collapse(mq);
     w_eff = cast_vec<A>(a.filt.w_eff);
     b_eff = static_cast<A>(a.filt.b_eff);
+    // same chunks as the squeeze, walked backwards: the last samples squeezed are still in cache
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
       Buffer<A> z(D);
-      for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t n = n1 - 1; n >= n0; --n) {
         excite(n, Qc.data() + n * K * D, z.data());
         sk.rescale(u + n * CP, x + n * CP, gt + n * C, y + n * CP, C, P, cl);
       }

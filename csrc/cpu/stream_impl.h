@@ -44,6 +44,26 @@ struct Stream {
     for (; c < C; ++c) acc[c] += B ? IOS::load1(a + c) * IOS::load1(b + c) : IOS::load1(a + c);
   }
 
+  // acc[c] += sum of 4 pixel rows (row stride C): one load/store of acc per 4 input vectors
+  template <bool B>
+  static CMPE_INL void col_acc4(A* acc, const S* a, const S* b, int64_t C) {
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      V v0, v1;
+      if (B) {
+        v0 = IOS::load(a + c) * IOS::load(b + c) + IOS::load(a + C + c) * IOS::load(b + C + c);
+        v1 = IOS::load(a + 2 * C + c) * IOS::load(b + 2 * C + c) + IOS::load(a + 3 * C + c) * IOS::load(b + 3 * C + c);
+      } else {
+        v0 = IOS::load(a + c) + IOS::load(a + C + c);
+        v1 = IOS::load(a + 2 * C + c) + IOS::load(a + 3 * C + c);
+      }
+      vstore(acc + c, vload<V>(acc + c) + (v0 + v1));
+    }
+    for (; c < C; ++c) {
+      for (int64_t q = 0; q < 4; ++q) acc[c] += B ? IOS::load1(a + q * C + c) * IOS::load1(b + q * C + c) : IOS::load1(a + q * C + c);
+    }
+  }
+
   // out[c] = sum_p a[c,p] (* b[c,p]) for a [P][C] block, in pixel blocks of kRowBlock
   template <bool B>
   static void cl_reduce(const S* a, const S* b, int64_t C, int64_t P, A* out, A* tmp) {
@@ -51,7 +71,9 @@ struct Stream {
     for (int64_t p0 = 0; p0 < P; p0 += kRowBlock) {
       const int64_t p1 = p0 + kRowBlock < P ? p0 + kRowBlock : P;
       for (int64_t c = 0; c < C; ++c) tmp[c] = A(0);
-      for (int64_t p = p0; p < p1; ++p) col_acc<B>(tmp, a + p * C, B ? b + p * C : nullptr, C);
+      int64_t p = p0;
+      for (; p + 4 <= p1; p += 4) col_acc4<B>(tmp, a + p * C, B ? b + p * C : nullptr, C);
+      for (; p < p1; ++p) col_acc<B>(tmp, a + p * C, B ? b + p * C : nullptr, C);
       for (int64_t c = 0; c < C; ++c) out[c] += tmp[c];
     }
   }
