@@ -478,13 +478,14 @@ def _backward(grad_y, u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1_w
     acc, ACC = _acc(u.dtype)
     N, C = geo.N, geo.C
     pair = geo.mode >= 2
-    empty = gate.new_empty(0)
+    empty = lambda: gate.new_empty(0)  # noqa: E731
     grad_u, grad_x = torch.empty_like(u), torch.empty_like(u)
     # contiguous; every element is written by a kernel below (no memset launches)
     new = lambda t: t.new_empty(t.shape)  # noqa: E731
     dw1, dw2 = new(fc1_weight), new(fc2_weight)
-    dw1i = new(fc1_identity_weight) if geo.mode == 1 else empty
-    dpw, dgamma, dbeta = (new(pair_weight), new(bn_weight), new(bn_weight)) if pair else (empty, empty, empty)
+    # absent weights: a distinct [0] tensor each (outputs must not alias one another)
+    dw1i = new(fc1_identity_weight) if geo.mode == 1 else empty()
+    dpw, dgamma, dbeta = (new(pair_weight), new(bn_weight), new(bn_weight)) if pair else (empty(), empty(), empty())
     if N == 0 or C == 0:
         for t in (grad_u, grad_x, dw1, dw1i, dw2, dpw, dgamma, dbeta):
             t.zero_()

@@ -264,6 +264,25 @@ def _gradcheck(case, fold_width):
     assert torch.autograd.gradcheck(fn, (flat,), fast_mode=True, atol=1e-7, rtol=1e-5)
 
 
+OPCHECK_CASES = [("se", True), ("double_fc", False), ("folded_3x3", True), ("pair_1x1", False)]
+
+
+@pytest.mark.parametrize("mode,training", OPCHECK_CASES,
+                         ids=[f"{m}-{'train' if t else 'eval'}" for m, t in OPCHECK_CASES])
+def test_opcheck(mode, training):
+    """The registered ``cmpe_se::triton_forward/backward`` (schema, aliasing, fake kernels)."""
+    ops = pytest.importorskip("cmpe_se_fused.ops")
+    if "triton" not in getattr(ops, "OPS", {}):
+        pytest.skip("cmpe_se_fused.ops has no triton ops registered")
+    case = Case(mode, (2, 16, 2, 2), torch.float32, training=training)
+    args = case.forward_args(case.u, case.x, case.p, case.rm.clone(), case.rv.clone())
+    torch.library.opcheck(torch.ops.cmpe_se.triton_forward.default, args)
+    out = torch.ops.cmpe_se.triton_forward(*case.forward_args(case.u, case.x, case.p, case.rm.clone(),
+                                                             case.rv.clone()))
+    torch.library.opcheck(torch.ops.cmpe_se.triton_backward.default,
+                          case.backward_args(case.dy, case.u, out[1:], case.p))
+
+
 def test_functional_backend():
     functional = pytest.importorskip("cmpe_se_fused.functional")
     case = Case("folded_3x3", (2, 16, 2, 2), torch.float32, training=True)
