@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import platform
 
+import cmpe_se_fused._C  # noqa: F401  (torch.ops.cmpe_se.forward / backward on CPU)
 import torch
 from torch.utils import benchmark
 
-import cmpe_se_fused._C  # noqa: F401  (torch.ops.cmpe_se.forward / backward on CPU)
 from cmpe_se_fused.reference import cmpe_se_reference, relation_dim
 
 STAGES = {  # name: (C, H=W, fold_width)
@@ -31,7 +31,7 @@ STAGES = {  # name: (C, H=W, fold_width)
 def make_case(mode, stage, training, batch=32, dtype=torch.float32, channels_last=False, seed=0):
     c, h, fold = STAGES[stage]
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    rnd = lambda *s: torch.randn(*s, generator=g)
     r = e = max(1, c // 16)
     dz = relation_dim(mode, c, fold, 0)
     u, x = rnd(batch, c, h, h).to(dtype), rnd(batch, c, h, h).to(dtype)
@@ -42,7 +42,7 @@ def make_case(mode, stage, training, batch=32, dtype=torch.float32, channels_las
     if pair:
         w.update(pair_weight=rnd(e, 1, 3, 3) / 3, bn_weight=1 + 0.1 * rnd(e), bn_bias=0.1 * rnd(e))
     stats = (torch.zeros(e), torch.ones(e)) if pair else (torch.zeros(0), torch.zeros(0))
-    kw = dict(mode=mode, training=training, momentum=0.1, eps=1e-5, fold_width=fold, padding=0)
+    kw = {"mode": mode, "training": training, "momentum": 0.1, "eps": 1e-5, "fold_width": fold, "padding": 0}
     gy = rnd(batch, c, h, h).to(dtype).contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return u, x, w, stats, kw, gy
@@ -130,8 +130,8 @@ def main():
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, fp32, batch {args.batch}, "
           f"{'channels_last' if args.channels_last else 'NCHW'}; copy bandwidth {bw / 1e9:.1f} GB/s")
-    print(f"# times: min of {args.repeat} interleaved medians, ms; 'vs eager' / 'vs compile' = baseline time / fused time; "
-          "'floor' = fused time / (minimum bytes / copy bandwidth)")
+    print(f"# times: min of {args.repeat} interleaved medians, ms; 'vs eager' / 'vs compile' = baseline time / "
+          "fused time; 'floor' = fused time / (minimum bytes / copy bandwidth)")
     hdr = f"{'mode':10s} {'stage':7s} {'train':5s} {'phase':8s} {'fused':>8s} {'eager':>8s} {'compile':>8s} " \
           f"{'vs eager':>8s} {'vs comp':>8s} {'floor':>6s}"
     print(hdr)

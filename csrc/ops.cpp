@@ -1,5 +1,6 @@
 // The op schemas of cmpe_se (docs/ARCHITECTURE.md; the strings here and FORWARD_SCHEMA /
-// BACKWARD_SCHEMA in cmpe_se_fused/ops.py must stay identical: unnamed returns, as there), the CPU registrations, and the stub module so that `import cmpe_se_fused._C`
+// BACKWARD_SCHEMA in cmpe_se_fused/ops.py must stay identical: unnamed returns, as there), the CPU
+// registrations, and the stub module so that `import cmpe_se_fused._C`
 // loads this library (and runs the registrations), as in pytorch/extension-cpp.
 #include <Python.h>
 #include <torch/library.h>

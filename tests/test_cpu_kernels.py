@@ -34,7 +34,7 @@ MOMENTUM, EPS = 0.1, 1e-5
 def make_args(mode, dtype, training, *, shape=(4, 24, 5, 7), channels_last=False, fold_width=8, padding=0, seed=0,
               stat_dtype=torch.float32):
     """Op arguments in the kernel's dtype: activations in ``dtype``, weights in its acc dtype."""
-    n, c, h, w = shape
+    _n, c, _h, _w = shape
     acc = acc_dtype(dtype)
     p = make_params(mode, c, fold_width=fold_width, padding=padding, dtype=acc, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -108,13 +108,13 @@ def test_matches_reference(mode, training, dtype, channels_last):
 
 
 ODD_SHAPES = {
-    "hw1": dict(shape=(3, 24, 1, 1)),
-    "n1": dict(shape=(1, 24, 4, 4)),
-    "7x7": dict(shape=(2, 24, 7, 7)),
-    "c20_tail": dict(shape=(3, 20, 3, 5), fold_width=4),
-    "c40_wide": dict(shape=(2, 40, 6, 6), fold_width=10),
-    "pad1": dict(shape=(2, 24, 5, 3), padding=1),
-    "pad1_thin": dict(shape=(2, 8, 3, 3), fold_width=8, padding=1),
+    "hw1": {"shape": (3, 24, 1, 1)},
+    "n1": {"shape": (1, 24, 4, 4)},
+    "7x7": {"shape": (2, 24, 7, 7)},
+    "c20_tail": {"shape": (3, 20, 3, 5), "fold_width": 4},
+    "c40_wide": {"shape": (2, 40, 6, 6), "fold_width": 10},
+    "pad1": {"shape": (2, 24, 5, 3), "padding": 1},
+    "pad1_thin": {"shape": (2, 8, 3, 3), "fold_width": 8, "padding": 1},
 }
 
 
@@ -280,6 +280,7 @@ def test_baseline_isa_build():
         "import cmpe_se_fused._C as C; print('ok', C.cpu_isa())\n"
     ).replace("TESTS", repr(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, CMPE_SE_CPU_ISA="default")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0 and "ok default" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
 

@@ -52,8 +52,8 @@ inline void check_small(const char* op, const char* name, const at::Tensor& t, a
 }
 
 inline void check_absent(const char* op, const char* name, const std::optional<at::Tensor>& t, std::string_view mode) {
-  TORCH_CHECK(!present(t) || t->numel() == 0, op, ": ", name, " must be None in mode '", mode, "', got a tensor of shape ",
-              t->sizes());
+  TORCH_CHECK(!present(t) || t->numel() == 0, op, ": ", name, " must be None in mode '", mode,
+              "', got a tensor of shape ", t->sizes());
 }
 
 // The full-size inputs (u and x, or grad_y and u): shape, dtype, device, layout decision.

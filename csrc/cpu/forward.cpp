@@ -122,7 +122,8 @@ void run(FwdArgs& a) {
   if (pair && a.training) {
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
       Buffer<A> scratch(2 * C);
-      for (int64_t n = n0; n < n1; ++n) sk.squeeze(u + n * CP, x + n * CP, C, P, cl, pu + n * C, px + n * C, scratch.data());
+      for (int64_t n = n0; n < n1; ++n)
+        sk.squeeze(u + n * CP, x + n * CP, C, P, cl, pu + n * C, px + n * C, scratch.data());
     });
     const std::vector<double> mq = patch_mean(a.pv, pu, px, N);
     const std::vector<A> mqA = cast_vec<A>(mq);

@@ -60,7 +60,8 @@ struct Stream {
       vstore(acc + c, vload<V>(acc + c) + (v0 + v1));
     }
     for (; c < C; ++c) {
-      for (int64_t q = 0; q < 4; ++q) acc[c] += B ? IOS::load1(a + q * C + c) * IOS::load1(b + q * C + c) : IOS::load1(a + q * C + c);
+      for (int64_t q = 0; q < 4; ++q)
+        acc[c] += B ? IOS::load1(a + q * C + c) * IOS::load1(b + q * C + c) : IOS::load1(a + q * C + c);
     }
   }
 
