@@ -184,13 +184,13 @@ def _combine_moments(mom, N, DM, ACC: tl.constexpr, JP: tl.constexpr, DO_DV: tl.
     MS: tl.constexpr = 2 * JP + 1 + JP * JP
     jj = tl.arange(0, JP)
     mq = tl.zeros([JP], dtype=ACC)
-    for n in range(0, N):
+    for n in range(N):
         mq += tl.load(mom + n * MS + jj)
     mq = mq / N
     c2 = tl.zeros([JP, JP], dtype=ACC)
     s1c = tl.zeros([JP], dtype=ACC)
     s0 = tl.zeros([JP], dtype=ACC)  # every lane holds the same sum
-    for n in range(0, N):
+    for n in range(N):
         row = mom + n * MS
         d = tl.load(row + jj) - mq
         c2 += tl.load(row + 2 * JP + 1 + jj[:, None] * JP + jj[None, :]) + DM * (d[:, None] * d[None, :])
@@ -208,7 +208,7 @@ def _bn_stats_kernel(mom, pw, bn_mean, bn_invstd, qmean, run_mean, run_var, N, D
     """Training BN statistics of every filter from the patch moments; updates the running stats.
 
     One program: the combine reads ``N x MS`` values, far below one launch's cost."""
-    mq, c2, s0, s1c = _combine_moments(mom, N, DM, ACC, JP, False)
+    mq, c2, _s0, _s1c = _combine_moments(mom, N, DM, ACC, JP, False)
     m_count = (N * DM).to(ACC)
     cov = c2 / m_count
     ei = tl.arange(0, BLOCK_E)
@@ -351,7 +351,7 @@ def _weight_grad_kernel(dg, hidden, dhp, pu, px, pw, gamma, beta, bn_mean, bn_in
         c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = c < C
         acc2 = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
-        for n in range(0, N):
+        for n in range(N):
             d = tl.load(dg + n * C + c, mask=cm, other=0.0)
             hv = tl.load(hidden + n * R_TOT + ii, mask=rm, other=0.0)
             acc2 += d[:, None] * hv[None, :]
@@ -369,7 +369,7 @@ def _weight_grad_kernel(dg, hidden, dhp, pu, px, pw, gamma, beta, bn_mean, bn_in
             mq = tl.zeros([JP], dtype=ACC)
             beff = 0.0
         acc1 = tl.zeros([BLOCK_R, BLOCK_K], dtype=ACC)
-        for n1 in range(0, N):
+        for n1 in range(N):
             dh = tl.load(dhp + n1 * R_TOT + ii, mask=rm, other=0.0)
             if MODE == 1:
                 zu = tl.load(pu + n1 * C + k, mask=km, other=0.0)

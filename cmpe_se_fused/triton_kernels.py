@@ -38,7 +38,7 @@ try:
     import triton
     import triton.language as tl
     _IMPORT_ERROR = None
-except Exception as exc:  # pragma: no cover - depends on the environment
+except Exception as exc:  # noqa: BLE001  (any import failure means: backend unavailable)
     triton = tl = None
     _IMPORT_ERROR = f"triton cannot be imported: {exc}"
 
@@ -66,9 +66,18 @@ def is_available() -> tuple[bool, str]:
 
 
 if triton is not None:
-    from ._triton_small import (_bn_affine, _bn_stats_kernel, _hidden, _load_bn_stats, _mlp_backward_kernel,
-                                _pair_backward_stats_kernel, _sample_moments, _small_backward_sample,
-                                _split_float, _weight_grad_kernel)
+    from ._triton_small import (
+        _bn_affine,
+        _bn_stats_kernel,
+        _hidden,
+        _load_bn_stats,
+        _mlp_backward_kernel,
+        _pair_backward_stats_kernel,
+        _sample_moments,
+        _small_backward_sample,
+        _split_float,
+        _weight_grad_kernel,
+    )
 
     @triton.jit
     def _sp(p, W, s_h, s_w, FLAT: tl.constexpr):
@@ -331,15 +340,15 @@ class _Geometry:
         self.MS = 2 * self.JP + 1 + self.JP * self.JP
 
     def constexprs(self):
-        return dict(MODE=self.mode, JP=self.JP, FOLD_M=self.FOLD_M, FOLD_ROWS=self.FOLD_ROWS, OC=self.OC,
-                    PAD=self.PAD)
+        return {"MODE": self.mode, "JP": self.JP, "FOLD_M": self.FOLD_M, "FOLD_ROWS": self.FOLD_ROWS,
+                "OC": self.OC, "PAD": self.PAD}
 
 
 def _acc(dtype):
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -478,10 +487,10 @@ def _backward(grad_y, u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1_w
     acc, ACC = _acc(u.dtype)
     N, C = geo.N, geo.C
     pair = geo.mode >= 2
-    empty = lambda: gate.new_empty(0)  # noqa: E731
+    empty = lambda: gate.new_empty(0)
     grad_u, grad_x = torch.empty_like(u), torch.empty_like(u)
     # contiguous; every element is written by a kernel below (no memset launches)
-    new = lambda t: t.new_empty(t.shape)  # noqa: E731
+    new = lambda t: t.new_empty(t.shape)
     dw1, dw2 = new(fc1_weight), new(fc2_weight)
     # absent weights: a distinct [0] tensor each (outputs must not alias one another)
     dw1i = new(fc1_identity_weight) if geo.mode == 1 else empty()
