@@ -383,15 +383,24 @@ def test_cuda_real_shapes(mode, training, shape, dtype, channels_last):
                 channels_last=channels_last, device="cuda"))
 
 
+TUNES = {"single": {"single_launch": True}, "chunks4": {"single_launch": False, "chunks": 4},
+         "chunks16_w8": {"single_launch": False, "chunks": 16, "block_c": 8, "block_p": 64, "num_warps": 8}}
+# the one-launch forward (and fused backward, chunks == 1) in every mode; the sweep knobs in two
+TUNE_CASES = ([(m, t, "single") for m in MODES for t in (True, False)]
+              + [(m, False, k) for m in ("se", "folded_3x3") for k in ("chunks4", "chunks16_w8")])
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("tune", [{"single_launch": True}, {"single_launch": False, "chunks": 4},
-                                  {"single_launch": False, "chunks": 16, "block_c": 8, "block_p": 64, "num_warps": 8}],
-                         ids=["single", "chunks4", "chunks16_w8"])
-@pytest.mark.parametrize("mode", ["se", "folded_3x3"])
-def test_cuda_tuning_variants(mode, tune):
-    case = Case(mode, (8, 256, 14, 14), torch.float32, training=False, fold_width=16, pair_filters=4,
+@pytest.mark.parametrize("mode,training,tune", TUNE_CASES,
+                         ids=[f"{m}-{'train' if t else 'eval'}-{k}" for m, t, k in TUNE_CASES])
+def test_cuda_tuning_variants(mode, training, tune):
+    tune = TUNES[tune]
+    case = Case(mode, (8, 256, 14, 14), torch.float32, training=training, fold_width=16, pair_filters=4,
                 reduction=16, device="cuda")
-    _check(case, tune, {k: v for k, v in tune.items() if k != "single_launch"})
+    bwd = {k: v for k, v in tune.items() if k != "single_launch"}
+    if tune.get("single_launch"):
+        bwd["chunks"] = 1  # the fused backward (grad-gate kernel runs the MLP backward too)
+    _check(case, tune, bwd)
 
 
 @pytest.mark.cuda
