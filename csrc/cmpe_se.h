@@ -45,6 +45,7 @@ struct Launch {
   int blocks;       // persistent grid size, <= co-resident blocks
   int splits;       // squeeze / apply splits of the spatial axis (S >= 1)
   int cv;           // channels_last: vectors per pixel row handled by one item (power of 2 <= 32)
+  int gw;           // NCHW: lanes per (row, split) item (power of 2 <= 32; < 32 for short rows)
   int vec;          // elements per vector access (16 bytes / sizeof(scalar) or 1)
   size_t smem;      // dynamic shared memory bytes
   bool cooperative; // launch with cudaLaunchCooperativeKernel

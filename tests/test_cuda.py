@@ -463,6 +463,7 @@ inline T __shfl_xor_sync(unsigned, T v, int o) {
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __nanosleep(unsigned) { std::this_thread::yield(); }
+inline void __trap() { std::abort(); }
 inline float __expf(float x) { return std::exp(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
 """
@@ -572,6 +573,9 @@ Launch mk_launch(const Geometry& g, bool bwd, int elem, int acc, int64_t threads
   int nvc = g.C / l.vec, cv = 1;
   while (cv < 32 && cv < nvc) cv *= 2;
   l.cv = cv;
+  int nvr = g.P / l.vec, gw = 1;
+  while (gw < 32 && gw < nvr) gw *= 2;
+  l.gw = gw;
   l.smem = smem_plan(g, acc, bwd, l.threads, l.vec).total;
   return l;
 }

@@ -196,6 +196,7 @@ Launch make_launch(Geometry& g, bool backward, int elem, int acc, std::initializ
   int cv = 1;
   while (cv < 32 && cv < nvc) cv *= 2;
   l.cv = cv;
+  l.gw = 32;
   l.smem = smem_plan(g, acc, backward, l.threads, l.vec).total;
   TORCH_CHECK(l.smem <= smem_optin(device), "cmpe_se (CUDA): needs ", l.smem,
               " bytes of shared memory per block for C=", g.C, " (map ", g.L, ", hidden ", g.Rh,
@@ -213,9 +214,13 @@ Launch make_launch(Geometry& g, bool backward, int elem, int acc, std::initializ
     per_block = 1;
     max_s = std::max(1, g.P / (2 * (l.threads / cv)));
   } else {
+    const int nv = g.P / l.vec;
+    int gw = 1;
+    while (gw < 32 && gw < nv) gw *= 2;
+    l.gw = gw;  // rows shorter than a warp share one (several rows per warp)
     base_items = (long long)g.N * g.C;
-    per_block = l.threads / 32;
-    max_s = std::max(1, (g.P / l.vec) / 64);
+    per_block = l.threads / gw;
+    max_s = std::max(1, nv / 64);  // splits only for rows of >= 128 vectors: each keeps gw = 32
   }
   int S = cfg.splits > 0 ? cfg.splits : (int)std::min<long long>(max_s, std::max<long long>(1,
                                                                    ((long long)grid * per_block + base_items - 1) / base_items));

@@ -251,7 +251,7 @@ __device__ void backward_body(const BackwardParams& p, const Launch& l, const Sm
   if (g.channels_last)
     squeeze_cl<true, T, V>(g, S, l.cv, dy, u, gpart, gpart, reinterpret_cast<A*>(smem));
   else
-    squeeze_nchw<true, T, V>(g, S, dy, u, gpart, gpart);
+    squeeze_nchw<true, T, V>(g, S, l.gw, dy, u, gpart, gpart);
   bar.sync();
 
   constexpr bool kPair = MODE >= (int)Mode::PAIR_2X1;
@@ -287,7 +287,7 @@ __device__ void backward_body(const BackwardParams& p, const Launch& l, const Sm
   if (g.channels_last)
     apply_cl<true, T, V>(g, S, l.cv, dy, dy, o0, o1, gate, du, dx);
   else
-    apply_nchw<true, T, V>(g, S, dy, dy, o0, o1, gate, du, dx);
+    apply_nchw<true, T, V>(g, S, l.gw, dy, dy, o0, o1, gate, du, dx);
 }
 
 template <typename T, int V>

@@ -149,7 +149,13 @@ struct GridBarrier {
     }
     if (threadIdx.x == 0) {
       volatile unsigned* rel = &counter[1];
-      while (*rel < epoch) __nanosleep(32);
+      // A missing block would hang the device forever; trap instead (about a minute of
+      // spinning) so that a broken launch configuration surfaces as a CUDA error.
+      unsigned spins = 0;
+      while (*rel < epoch) {
+        __nanosleep(32);
+        if (++spins > (1u << 30)) __trap();
+      }
       __threadfence();
     }
     __syncthreads();

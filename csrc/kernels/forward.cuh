@@ -146,7 +146,7 @@ __device__ void forward_body(const ForwardParams& p, const Launch& l, const Smem
   if (g.channels_last)
     squeeze_cl<false, T, V>(g, S, l.cv, u, x, w.part_u, w.part_x, reinterpret_cast<A*>(smem));
   else
-    squeeze_nchw<false, T, V>(g, S, u, x, w.part_u, w.part_x);
+    squeeze_nchw<false, T, V>(g, S, l.gw, u, x, w.part_u, w.part_x);
 
   constexpr bool kPair = MODE >= (int)Mode::PAIR_2X1;
   if constexpr (kPair) {
@@ -181,7 +181,7 @@ __device__ void forward_body(const ForwardParams& p, const Launch& l, const Smem
   if (g.channels_last)
     apply_cl<false, T, V>(g, S, l.cv, u, x, y, y, gate, gate, gate);
   else
-    apply_nchw<false, T, V>(g, S, u, x, y, y, gate, gate, gate);
+    apply_nchw<false, T, V>(g, S, l.gw, u, x, y, y, gate, gate, gate);
 }
 
 template <typename T, int V>

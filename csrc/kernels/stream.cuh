@@ -2,7 +2,8 @@
 // per (n, c)) and the apply (one FMA per element with per-(n, c) coefficients). These are the
 // only phases that touch O(N*C*P) bytes; everything else is O(N*C).
 //
-// Work split: an item is (row, split) in NCHW, processed by one warp (lanes along P), and
+// Work split: an item is (row, split) in NCHW, processed by GW lanes along P (a warp, or a
+// power-of-two part of one for short rows), and
 // (sample, channel chunk, split) in channels_last, processed by one block (CV vector lanes
 // along C, blockDim/CV pixel rows). Items are strided over the persistent grid. Each thread
 // keeps UNROLL independent 16-byte loads in flight. Partial sums land in fixed slots
@@ -17,28 +18,32 @@ constexpr int kUnroll = 4;
 
 // DOT = false: part0 += a, part1 += b (forward pools). DOT = true: part0 += a*b (backward G).
 template <bool DOT, typename T, int V>
-__device__ void squeeze_nchw(const Geometry& g, int S, const T* a, const T* b, acc_t<T>* part0,
+__device__ void squeeze_nchw(const Geometry& g, int S, int GW, const T* a, const T* b, acc_t<T>* part0,
                              acc_t<T>* part1) {
   using A = acc_t<T>;
-  const int lane = threadIdx.x & 31;
+  // GW lanes per item (a power of two <= 32): short rows (P/V < 32) share a warp.
+  const int lane = threadIdx.x & 31, sub = lane & (GW - 1), grp = lane / GW, gpw = 32 / GW;
   const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
   const int nv = g.P / V;
   const int seg = (nv + S - 1) / S;
   const long long items = (long long)g.N * g.C * S;
-  for (long long it = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; it < items; it += nwarps) {
-    const long long row = it / S;
-    const int s = (int)(it - row * S);
-    const int v1 = min(nv, (s + 1) * seg);
+  for (long long base = (((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * gpw; base < items;
+       base += nwarps * gpw) {
+    const long long it = base + grp;
+    const bool valid = it < items;  // warp-uniform loop: every lane reaches the shuffles
+    const long long row = valid ? it / S : 0;
+    const int s = valid ? (int)(it - row * S) : 0;
+    const int v1 = valid ? min(nv, (s + 1) * seg) : 0;
     const T* ra = a + row * g.P;
     const T* rb = b + row * g.P;
     A s0 = A(0), s1 = A(0);
-    int i = s * seg + lane;
-    for (; i + 32 * (kUnroll - 1) < v1; i += 32 * kUnroll) {
+    int i = s * seg + sub;
+    for (; i + GW * (kUnroll - 1) < v1; i += GW * kUnroll) {
       Vec<T, V> va[kUnroll], vb[kUnroll];
 #pragma unroll
       for (int k = 0; k < kUnroll; ++k) {
-        va[k] = load_raw<T, V>(ra + (long long)(i + 32 * k) * V);
-        vb[k] = load_raw<T, V>(rb + (long long)(i + 32 * k) * V);
+        va[k] = load_raw<T, V>(ra + (long long)(i + GW * k) * V);
+        vb[k] = load_raw<T, V>(rb + (long long)(i + GW * k) * V);
       }
 #pragma unroll
       for (int k = 0; k < kUnroll; ++k) {
@@ -53,7 +58,7 @@ __device__ void squeeze_nchw(const Geometry& g, int S, const T* a, const T* b, a
         }
       }
     }
-    for (; i < v1; i += 32) {
+    for (; i < v1; i += GW) {
       A va[V], vb[V];
       load_vec<T, V>(ra + (long long)i * V, va);
       load_vec<T, V>(rb + (long long)i * V, vb);
@@ -67,9 +72,11 @@ __device__ void squeeze_nchw(const Geometry& g, int S, const T* a, const T* b, a
         }
       }
     }
-    s0 = warp_sum(s0);
-    if (!DOT) s1 = warp_sum(s1);
-    if (lane == 0) {
+    for (int o = GW >> 1; o > 0; o >>= 1) {
+      s0 += __shfl_xor_sync(0xffffffffu, s0, o);
+      if (!DOT) s1 += __shfl_xor_sync(0xffffffffu, s1, o);
+    }
+    if (valid && sub == 0) {
       const long long n = row / g.C;
       const int c = (int)(row - n * g.C);
       part0[(n * S + s) * g.C + c] = s0;
@@ -205,15 +212,16 @@ __device__ __forceinline__ void apply_vecs(const T* a, const T* b, T* o0, T* o1,
 }
 
 template <bool BWD, typename T, int V>
-__device__ void apply_nchw(const Geometry& g, int S, const T* a, const T* b, T* o0, T* o1, const acc_t<T>* gate,
-                           const acc_t<T>* c1, const acc_t<T>* c2) {
+__device__ void apply_nchw(const Geometry& g, int S, int GW, const T* a, const T* b, T* o0, T* o1,
+                           const acc_t<T>* gate, const acc_t<T>* c1, const acc_t<T>* c2) {
   using A = acc_t<T>;
-  const int lane = threadIdx.x & 31;
-  const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+  const int lane = threadIdx.x & 31, sub = lane & (GW - 1), grp = lane / GW, gpw = 32 / GW;
+  const long long ngroups = ((long long)gridDim.x * blockDim.x) / GW;
   const int nv = g.P / V;
   const int seg = (nv + S - 1) / S;
   const long long items = (long long)g.N * g.C * S;
-  for (long long it = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; it < items; it += nwarps) {
+  for (long long it = (((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * gpw + grp; it < items;
+       it += ngroups) {
     const long long row = it / S;
     const int s = (int)(it - row * S);
     const int v1 = min(nv, (s + 1) * seg);
@@ -226,14 +234,14 @@ __device__ void apply_nchw(const Geometry& g, int S, const T* a, const T* b, T* 
       k2[j] = k2[0];
     }
     const long long base = row * g.P;
-    int i = s * seg + lane;
-    for (; i + 32 * (kUnroll - 1) < v1; i += 32 * kUnroll) {
+    int i = s * seg + sub;
+    for (; i + GW * (kUnroll - 1) < v1; i += GW * kUnroll) {
       long long off[kUnroll];
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) off[k] = base + (long long)(i + 32 * k) * V;
+      for (int k = 0; k < kUnroll; ++k) off[k] = base + (long long)(i + GW * k) * V;
       apply_vecs<BWD, T, V, kUnroll>(a, b, o0, o1, off, k0, k1, k2);
     }
-    for (; i < v1; i += 32) {
+    for (; i < v1; i += GW) {
       const long long off[1] = {base + (long long)i * V};
       apply_vecs<BWD, T, V, 1>(a, b, o0, o1, off, k0, k1, k2);
     }
