@@ -33,6 +33,12 @@ def _rsqrt(x, ACC: tl.constexpr):
 
 
 @triton.jit
+def _as_acc(v, ACC: tl.constexpr):
+    # v may be a compile-time constant (Triton specialises integer arguments equal to 1)
+    return tl.sum(tl.zeros([1], dtype=ACC) + v, axis=0)
+
+
+@triton.jit
 def _split_float(hi, lo, ACC: tl.constexpr):
     # Python floats reach kernels as fp32: hosts pass (fp32(v), fp32(v - fp32(v))) so fp64 stays exact.
     return tl.sum(tl.zeros([1], dtype=ACC) + hi + lo, axis=0)
@@ -181,7 +187,7 @@ def _sample_moments(pu_row, px_row, dv_row, mom_row, DM, MODE: tl.constexpr, JP:
 @triton.jit
 def _combine_moments(mom, N, DM, ACC: tl.constexpr, JP: tl.constexpr, DO_DV: tl.constexpr):
     """Batch moments from per-sample rows, exact and in fixed order: ``(mean_q, C2, S0, S1c)``."""
-    MS: tl.constexpr = 2 * JP + 1 + JP * JP
+    MS = 2 * JP + 1 + JP * JP
     jj = tl.arange(0, JP)
     mq = tl.zeros([JP], dtype=ACC)
     for n in range(N):
@@ -209,7 +215,7 @@ def _bn_stats_kernel(mom, pw, bn_mean, bn_invstd, qmean, run_mean, run_var, N, D
 
     One program: the combine reads ``N x MS`` values, far below one launch's cost."""
     mq, c2, _s0, _s1c = _combine_moments(mom, N, DM, ACC, JP, False)
-    m_count = (N * DM).to(ACC)
+    m_count = _as_acc(N * DM, ACC)
     cov = c2 / m_count
     ei = tl.arange(0, BLOCK_E)
     jj = tl.arange(0, JP)
@@ -273,7 +279,7 @@ def _small_backward_sample(n, dg, hidden, w1, w1i, w2, dhp, dz, pu, px, mom, C, 
                          MODE, ACC, BLOCK_C, BLOCK_K, BLOCK_R)
     if MOMENTS:
         tl.debug_barrier()  # dz of this sample was written by other threads of this program
-        MS: tl.constexpr = 2 * JP + 1 + JP * JP
+        MS = 2 * JP + 1 + JP * JP
         _sample_moments(pu + n * C, px + n * C, dz + n * DZO, mom + n * MS, DZ, MODE, JP,
                         FOLD_M, FOLD_ROWS, OC, PAD, ACC, True, BLOCK_M)
 
@@ -296,7 +302,7 @@ def _pair_cell_grad(pu_row, px_row, dv_row, coef, c, cm, FLOW: tl.constexpr, TRA
                     BLOCK_C: tl.constexpr):
     """Transposed pair-view conv, gather form: gradient of pool ``FLOW`` (0 u, 1 x) of channels
     ``c``: the sum over taps j of ``dq_j`` at the map position that tap j reads this cell from."""
-    OR: tl.constexpr = FOLD_ROWS - 2 + 2 * PAD
+    OR = FOLD_ROWS - 2 + 2 * PAD
     jj = tl.arange(0, JP)
     mq = tl.load(coef + JP + jj)
     acc = tl.zeros([BLOCK_C], dtype=ACC)
@@ -402,7 +408,7 @@ def _pair_backward_stats_kernel(mom, pw, gamma, bn_mean, bn_invstd, dpw, dgamma,
     ``dq = w_eff dv + B (q - mean_q) + c`` whose coefficients go to ``coef``:
     ``[w_eff (JP), mean_q (JP), c (JP), B (JP x JP)]``."""
     mq, c2, s0, s1c = _combine_moments(mom, N, DM, ACC, JP, True)
-    m_count = (N * DM).to(ACC)
+    m_count = _as_acc(N * DM, ACC)
     ei = tl.arange(0, BLOCK_E)
     jj = tl.arange(0, JP)
     em = ei < E

@@ -127,7 +127,7 @@ if triton is not None:
             tl.store(px + n * C + c, mx, mask=cm)
         if MOMENTS:
             tl.debug_barrier()  # the pools of this sample were written by other threads of this program
-            MS: tl.constexpr = 2 * JP + 1 + JP * JP
+            MS = 2 * JP + 1 + JP * JP
             _sample_moments(pu + n * C, px + n * C, pu, mom + n * MS, DM, MODE, JP, FOLD_M, FOLD_ROWS, OC, PAD,
                             ACC, False, BLOCK_M)
 
@@ -137,7 +137,7 @@ if triton is not None:
                         ACC: tl.constexpr, BLOCK_M: tl.constexpr):
         """Grid (N,): per-sample patch moments when the squeeze ran with several chunks."""
         n = tl.program_id(0)
-        MS: tl.constexpr = 2 * JP + 1 + JP * JP
+        MS = 2 * JP + 1 + JP * JP
         _sample_moments(pu + n * C, px + n * C, pu, mom + n * MS, DM, MODE, JP, FOLD_M, FOLD_ROWS, OC, PAD,
                         ACC, False, BLOCK_M)
 

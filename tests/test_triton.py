@@ -164,6 +164,7 @@ VARIANTS = {  # name: (Case keywords, tuning keywords)
     "odd_c24_pad1_1x1": ({"shape": (2, 24, 1, 1), "padding": 1}, {}),
     "batch1_7x7": ({"shape": (1, 16, 7, 7)}, {"block_p": 16}),
     "sliced_strides": ({"shape": (2, 16, 3, 4), "sliced": True}, {}),
+    "tiny_c1": ({"shape": (1, 1, 1, 1)}, {}),
     "channels_last_split": ({"shape": (2, 16, 2, 3), "channels_last": True},
                             {"single_launch": False, "chunks": 3, "block_c": 4, "block_p": 2}),
 }
@@ -174,6 +175,7 @@ VARIANT_CASES = [  # (mode, training, variant): every variant in both modes of B
     ("pair_1x1", True, "odd_c24_pad1_1x1"),
     ("folded_3x3", False, "batch1_7x7"), ("pair_2x1", True, "batch1_7x7"), ("double_fc", True, "batch1_7x7"),
     ("folded_3x3", True, "sliced_strides"), ("se", False, "sliced_strides"),
+    ("pair_2x1", False, "tiny_c1"), ("double_fc", True, "tiny_c1"),
     ("pair_2x1", True, "channels_last_split"), ("folded_3x3", False, "channels_last_split"),
 ]
 
@@ -330,7 +332,8 @@ from cmpe_se_fused.reference import MODES
 NAMES = ("fc1_weight", "fc1_identity_weight", "fc2_weight", "pair_weight", "bn_weight", "bn_bias")
 configs = [(m, t, torch.float32, (8, 64, 4, 4), False, True) for m in MODES for t in (True, False)]
 configs += [("folded_3x3", True, torch.bfloat16, (8, 64, 4, 4), True, False), ("se", False, torch.float16, (8, 64, 7, 7),
-            True, False), ("double_fc", True, torch.float64, (2, 32, 1, 3), False, False)]
+            True, False), ("double_fc", True, torch.float64, (2, 32, 1, 3), False, False),
+            ("pair_2x1", False, torch.float32, (1, 1, 1, 1), False, True)]
 for mode, training, dtype, shape, cl, single in configs:
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     u = torch.randn(shape).to(dtype)
