@@ -104,9 +104,11 @@ struct Stream {
     }
   }
 
+  // rescale and grad_write walk the sample backwards: the reduction just before walked it forwards, so
+  // its last rows are the ones still in L2 when the sample is larger than L2.
   static void rescale(const S* u, const S* x, const A* gate, S* y, int64_t C, int64_t P, bool cl) {
     if (cl || P == 1) {
-      for (int64_t p = 0; p < P; ++p) {
+      for (int64_t p = P - 1; p >= 0; --p) {
         const S* up = u + p * C; const S* xp = x + p * C; S* yp = y + p * C;
         int64_t c = 0;
         for (; c + L <= C; c += L)
@@ -115,7 +117,7 @@ struct Stream {
       }
       return;
     }
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = C - 1; c >= 0; --c) {
       const S* up = u + c * P; const S* xp = x + c * P; S* yp = y + c * P;
       const A g = gate[c];
       const V gv = V{} + g;
@@ -128,7 +130,7 @@ struct Stream {
   static void grad_write(const S* dy, const A* gate, const A* bias_u, const A* bias_x, S* du, S* dx, int64_t C,
                          int64_t P, bool cl) {
     if (cl || P == 1) {
-      for (int64_t p = 0; p < P; ++p) {
+      for (int64_t p = P - 1; p >= 0; --p) {
         const S* dyp = dy + p * C; S* dup = du + p * C; S* dxp = dx + p * C;
         int64_t c = 0;
         for (; c + L <= C; c += L) {
@@ -144,7 +146,7 @@ struct Stream {
       }
       return;
     }
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = C - 1; c >= 0; --c) {
       const S* dyp = dy + c * P; S* dup = du + c * P; S* dxp = dx + c * P;
       const A g = gate[c], bu = bias_u[c], bx = bias_x[c];
       const V gv = V{} + g, buv = V{} + bu, bxv = V{} + bx;
