@@ -13,13 +13,16 @@ Launches (``U, X: (N, C, H, W)``; T = one activation tensor in bytes):
 * forward, training pair modes: ``_squeeze_kernel`` (+ per-sample patch moments when
   ``chunks == 1``; else a separate moments launch), ``_bn_stats_kernel`` (one program: batch
   statistics, running-stat update), ``_excite_kernel`` (gate + rescale). 3 launches, 5T.
-* backward: ``_grad_gate_kernel`` (``dg = sum_p(dY*U) * s(1-s)``, 2T), ``_mlp_backward_kernel``
-  (per sample: ``dh_pre``, ``dz``; pair modes: patch/dv moments), pair modes only
-  ``_pair_backward_stats_kernel`` (one program: BN/conv weight grads, patch-gradient
-  coefficients), ``_weight_grad_kernel`` (dW1, dW2 tiles, samples summed in order),
-  ``_input_grad_kernel`` (transposed pair conv per channel, ``dU = s*dY + du/P``,
-  ``dX = dY + dx/P``, 3T). 4 launches (5 in pair modes), 5T.
+* backward: ``_grad_gate_kernel`` (``dg = sum_p(dY*U) * s(1-s)``, 2T; with ``chunks == 1`` it
+  then runs the sample's MLP backward ``dh_pre``, ``dz`` and, pair modes, its patch/dv moments;
+  else ``_mlp_backward_kernel`` does), pair modes only ``_pair_backward_stats_kernel`` (one
+  program: BN and pair-conv weight gradients, patch-gradient coefficients),
+  ``_weight_grad_kernel`` (dW1, dW2 tiles, samples summed in order; pair modes: the transposed
+  pair conv per sample, onto ``[du; dx]``), ``_input_grad_kernel`` (``dU = s*dY + du/P``,
+  ``dX = dY + dx/P``, 3T). 3 launches (4 in pair modes) with ``chunks == 1``, one more
+  otherwise; 5T.
 
+No torch op runs on the host (no memsets, no copies): every output is written by a kernel.
 Layouts: every activation is addressed through its own strides; a 2D ``[BLOCK_C, BLOCK_P]`` tile
 lets Triton coalesce along whichever axis has stride 1 (NCHW: P; channels_last: C). Spatial
 positions are flattened when ``stride_h == W * stride_w`` (both fast layouts), else split.
