@@ -544,3 +544,23 @@ def _backward(grad_y, u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1_w
                                  *sd[:4], *so[:4], HAS_DX=geo.mode != 0, FLAT_D=sd[4], FLAT_O=so[4], ACC=ACC,
                                  BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
     return grad_u, grad_x, dw1, dw1i, dw2, dpw, dgamma, dbeta
+
+
+def sweep_configs(u: torch.Tensor) -> list[tuple[str, dict, dict]]:
+    """Tuning variants worth timing beside the defaults on input ``u`` (GPU.md: every run a sweep):
+    ``[(name, forward_kwargs, backward_kwargs)]``; the first entry is the default."""
+    channel_fastest = u.stride(1) == 1 and u.shape[1] > 1
+    p = _np2(u.shape[2] * u.shape[3])
+    tiles = ([(128, 16), (64, 32), (256, 8)] if channel_fastest
+             else [(max(1, 2048 // min(p, 128)), min(p, 128)), (max(1, 1024 // min(p, 64)), min(p, 64)),
+                   (max(1, 4096 // min(p, 256)), min(p, 256))])
+    out = [("default", {}, {})]
+    for chunks in (1, 2, 4, 8):
+        single = chunks == 1
+        out.append((f"chunks{chunks}", {"single_launch": single, "chunks": chunks}, {"chunks": chunks}))
+    out.append(("chunks1_w8", {"single_launch": True, "num_warps": 8}, {"chunks": 1, "num_warps": 8}))
+    out.append(("chunks4_w8", {"single_launch": False, "chunks": 4, "num_warps": 8}, {"chunks": 4, "num_warps": 8}))
+    for bc, bp in tiles[1:]:
+        tile = {"block_c": bc, "block_p": bp}
+        out.append((f"tile{bc}x{bp}", dict(tile), dict(tile)))
+    return out

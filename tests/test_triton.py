@@ -192,6 +192,14 @@ def test_variants(mode, training, variant):
     _check(case, tune, bwd_tune)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_sweep_configs_run(channels_last):
+    """Every variant the GPU benchmark sweeps gives the reference's answer."""
+    case = Case("pair_2x1", (2, 16, 2, 3), torch.float32, training=True, channels_last=channels_last)
+    for _name, fwd, bwd in tk.sweep_configs(case.u):
+        _check(case, fwd, bwd)
+
+
 def test_pair_1x1_batch1_eval_and_mixed_layouts():
     case = Case("pair_1x1", (1, 16, 2, 2), torch.float32, training=False)
     case.x = case.x.to(memory_format=torch.channels_last)  # X's layout differs from U's
