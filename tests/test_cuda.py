@@ -25,6 +25,8 @@ from cmpe_se_fused.reference import PAIR_MODES, backward_op_reference, forward_o
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("se", "double_fc", "pair_2x1", "pair_1x1", "folded_3x3")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The GPU tests' device and backend; a CPU dry run of the test logic sets "cpu" / "cpu".
+DEVICE, BACKEND = "cuda", "cuda"
 
 
 def _import_cuda_ext():
@@ -151,12 +153,13 @@ def _case(mode, dtype, shape=(4, 32, 6, 5), *, layout="nchw", training=True, fol
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
     def build(dt, wdt):
-        d = {"u": u64.to(dt).cuda().contiguous(memory_format=fmt), "x": x64.to(dt).cuda().contiguous(memory_format=fmt)}
+        d = {"u": u64.to(dt).to(DEVICE).contiguous(memory_format=fmt),
+             "x": x64.to(dt).to(DEVICE).contiguous(memory_format=fmt)}
         for k in ("fc1_weight", "fc1_identity_weight", "fc2_weight", "pair_weight", "bn_weight", "bn_bias"):
-            d[k] = p64[k].to(wdt).cuda() if k in p64 else None
-        empty = torch.zeros(0, device="cuda")
-        d["running_mean"] = p64["running_mean"].float().cuda() if "running_mean" in p64 else empty
-        d["running_var"] = p64["running_var"].float().cuda() if "running_var" in p64 else empty.clone()
+            d[k] = p64[k].to(wdt).to(DEVICE) if k in p64 else None
+        empty = torch.zeros(0, device=DEVICE)
+        d["running_mean"] = p64["running_mean"].float().to(DEVICE) if "running_mean" in p64 else empty
+        d["running_var"] = p64["running_var"].float().to(DEVICE) if "running_var" in p64 else empty.clone()
         return d
 
     kw = {"mode": mode, "training": training, "momentum": 0.1, "eps": 1e-5, "fold_width": fold_width,
@@ -206,7 +209,7 @@ def _check_case(mode, dtype, shape, layout, training, **case_kw):
         for k in ("running_mean", "running_var"):
             assert_close_rule(dc[k], d64[k], de[k], name=f"{mode}/{dtype} {k}")
     g = torch.Generator().manual_seed(7)
-    dy64 = torch.randn(shape, generator=g, dtype=torch.float64).cuda()
+    dy64 = torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE)
     fmt_u = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     dy = dy64.to(dtype).contiguous(memory_format=fmt_u)
     grads = torch.ops.cmpe_se.backward(*_bwd_args(dy, d, out, kw))
@@ -266,7 +269,7 @@ def test_strided_inputs():
     """Non-contiguous, non-channels_last inputs go through a contiguous copy."""
     _need_ext()
     d, d64, kw = _case("folded_3x3", torch.float32, (3, 32, 9, 9), training=True)
-    big = torch.randn(3, 64, 9, 11, device="cuda")
+    big = torch.randn(3, 64, 9, 11, device=DEVICE)
     u = big[:, ::2, :, 1:10]
     u.copy_(d["u"])
     d["u"] = u
@@ -334,9 +337,9 @@ def test_gradcheck_fp64(mode, training):
     from cmpe_se_fused.functional import cmpe_se
 
     c = 16
-    p = make_params(mode, c, reduction=4, pair_filters=2, fold_width=4, dtype=torch.float64, device="cuda")
-    u = (torch.randn(3, c, 3, 2, dtype=torch.float64, device="cuda") + 0.5).requires_grad_(True)
-    x = torch.randn(3, c, 3, 2, dtype=torch.float64, device="cuda").requires_grad_(True)
+    p = make_params(mode, c, reduction=4, pair_filters=2, fold_width=4, dtype=torch.float64, device=DEVICE)
+    u = (torch.randn(3, c, 3, 2, dtype=torch.float64, device=DEVICE) + 0.5).requires_grad_(True)
+    x = torch.randn(3, c, 3, 2, dtype=torch.float64, device=DEVICE).requires_grad_(True)
     names = [k for k in ("fc1_weight", "fc2_weight", "fc1_identity_weight", "pair_weight", "bn_weight", "bn_bias")
              if k in p]
     weights = [p[k].requires_grad_(True) for k in names]
@@ -344,7 +347,7 @@ def test_gradcheck_fp64(mode, training):
 
     def fn(u, x, *ws):
         return cmpe_se(u, x, **dict(zip(names, ws)), **stats, mode=mode, training=training, fold_width=4,
-                       backend="cuda")
+                       backend=BACKEND)
 
     assert torch.autograd.gradcheck(fn, (u, x, *weights), eps=1e-6, atol=1e-6, rtol=1e-5)
 
@@ -374,14 +377,14 @@ def test_sgd_loop_matches_reference(mode):
             x = self.se2(self.conv2(torch.relu(x)), x)
             return self.head(x.mean((2, 3)))
 
-    ref = Net("reference").cuda().double()
-    net = Net("cuda").cuda().double()
+    ref = Net("reference").to(DEVICE).double()
+    net = Net(BACKEND).to(DEVICE).double()
     net.load_state_dict(ref.state_dict())
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (ref, net)]
     g = torch.Generator().manual_seed(1)
     for _ in range(20):
-        inp = torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64).cuda()
-        target = torch.randint(0, 10, (8,), generator=g).cuda()
+        inp = torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64).to(DEVICE)
+        target = torch.randint(0, 10, (8,), generator=g).to(DEVICE)
         for m, opt in zip((ref, net), opts):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(m(inp), target).backward()
