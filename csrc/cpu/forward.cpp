@@ -157,13 +157,18 @@ void run(FwdArgs& a) {
     w_eff = cast_vec<A>(a.filt.w_eff);
     b_eff = static_cast<A>(a.filt.b_eff);
   }
+  // se: the gate needs pool_u only, so X is summed by the rescale pass and read once
+  const bool x_late = g.mode == Mode::kSE;
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     Buffer<A> scratch(2 * C), qc(K * D), z(D), img(img_size);
     for (int64_t n = n0; n < n1; ++n) {
-      sk.squeeze(u + n * CP, x + n * CP, C, P, cl, pu + n * C, px + n * C, scratch.data());
+      sk.squeeze(u + n * CP, x_late ? nullptr : x + n * CP, C, P, cl, pu + n * C, px + n * C, scratch.data());
       if (pair) mk.gather_patches(pu + n * C, px + n * C, a.pv, zeros.data(), qc.data(), img.data());
       excite(n, qc.data(), z.data());
-      sk.rescale(u + n * CP, x + n * CP, gt + n * C, y + n * CP, C, P, cl);
+      if (x_late)
+        sk.rescale_pool(u + n * CP, x + n * CP, gt + n * C, y + n * CP, C, P, cl, px + n * C, scratch.data());
+      else
+        sk.rescale(u + n * CP, x + n * CP, gt + n * C, y + n * CP, C, P, cl);
     }
   });
 }

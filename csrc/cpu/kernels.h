@@ -30,10 +30,13 @@ template <> struct AccOf<double> { using type = double; };
 template <class S>
 struct StreamKernels {
   using A = typename AccOf<S>::type;
-  // pool_u[c] = mean_p U[c,p], pool_x[c] = mean_p X[c,p]. scratch: 2*C values of A.
+  // pool_u[c] = mean_p U[c,p], pool_x[c] = mean_p X[c,p] (x may be null: U only). scratch: 2*C values of A.
   void (*squeeze)(const S* u, const S* x, int64_t C, int64_t P, bool cl, A* pool_u, A* pool_x, A* scratch);
   // Y = gate[c] * U + X, computed in A, rounded once to S.
   void (*rescale)(const S* u, const S* x, const A* gate, S* y, int64_t C, int64_t P, bool cl);
+  // rescale, and pool_x[c] = mean_p X[c,p] on the way (X read once). scratch: C values of A.
+  void (*rescale_pool)(const S* u, const S* x, const A* gate, S* y, int64_t C, int64_t P, bool cl, A* pool_x,
+                       A* scratch);
   // G[c] = sum_p dY[c,p] * U[c,p]. scratch: C values of A.
   void (*grad_reduce)(const S* dy, const S* u, int64_t C, int64_t P, bool cl, A* G, A* scratch);
   // dU = gate[c] * dY + bias_u[c], dX = dY + bias_x[c].

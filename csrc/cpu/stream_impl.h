@@ -83,16 +83,72 @@ struct Stream {
     const A inv = A(1) / A(P);
     if (cl || P == 1) {
       cl_reduce<false>(u, nullptr, C, P, pool_u, scratch);
-      cl_reduce<false>(x, nullptr, C, P, pool_x, scratch);
+      if (x != nullptr) cl_reduce<false>(x, nullptr, C, P, pool_x, scratch);
     } else {
       for (int64_t c = 0; c < C; ++c) {
         pool_u[c] = row_sum<false>(u + c * P, nullptr, P);
-        pool_x[c] = row_sum<false>(x + c * P, nullptr, P);
+        if (x != nullptr) pool_x[c] = row_sum<false>(x + c * P, nullptr, P);
       }
     }
-    for (int64_t c = 0; c < C; ++c) {
-      pool_u[c] *= inv;
-      pool_x[c] *= inv;
+    for (int64_t c = 0; c < C; ++c) pool_u[c] *= inv;
+    if (x != nullptr)
+      for (int64_t c = 0; c < C; ++c) pool_x[c] *= inv;
+  }
+
+  // rescale, and pool_x[c] = mean_p X[c,p] summed on the way (se: the gate needs pool_u only, so X
+  // is read once). Walks the sample backwards like rescale. tmp: C values.
+  static void rescale_pool(const S* u, const S* x, const A* gate, S* y, int64_t C, int64_t P, bool cl, A* pool_x,
+                           A* tmp) {
+    const A inv = A(1) / A(P);
+    if (cl || P == 1) {
+      for (int64_t c = 0; c < C; ++c) pool_x[c] = A(0);
+      for (int64_t p1 = P; p1 > 0; p1 -= kRowBlock) {
+        const int64_t p0 = p1 - kRowBlock > 0 ? p1 - kRowBlock : 0;
+        for (int64_t c = 0; c < C; ++c) tmp[c] = A(0);
+        for (int64_t p = p1 - 1; p >= p0; --p) {
+          const S* up = u + p * C; const S* xp = x + p * C; S* yp = y + p * C;
+          int64_t c = 0;
+          for (; c + L <= C; c += L) {
+            const V xv = IOS::load(xp + c);
+            IOS::store(yp + c, vload<V>(gate + c) * IOS::load(up + c) + xv);
+            vstore(tmp + c, vload<V>(tmp + c) + xv);
+          }
+          for (; c < C; ++c) {
+            const A xv = IOS::load1(xp + c);
+            IOS::store1(yp + c, gate[c] * IOS::load1(up + c) + xv);
+            tmp[c] += xv;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) pool_x[c] += tmp[c];
+      }
+      for (int64_t c = 0; c < C; ++c) pool_x[c] *= inv;
+      return;
+    }
+    for (int64_t c = C - 1; c >= 0; --c) {
+      const S* up = u + c * P; const S* xp = x + c * P; S* yp = y + c * P;
+      const A g = gate[c];
+      const V gv = V{} + g;
+      V s0 = {}, s1 = {};
+      int64_t p = 0;
+      for (; p + 2 * L <= P; p += 2 * L) {
+        const V x0 = IOS::load(xp + p), x1 = IOS::load(xp + p + L);
+        IOS::store(yp + p, gv * IOS::load(up + p) + x0);
+        IOS::store(yp + p + L, gv * IOS::load(up + p + L) + x1);
+        s0 += x0;
+        s1 += x1;
+      }
+      for (; p + L <= P; p += L) {
+        const V x0 = IOS::load(xp + p);
+        IOS::store(yp + p, gv * IOS::load(up + p) + x0);
+        s0 += x0;
+      }
+      A s = hsum(s0 + s1);
+      for (; p < P; ++p) {
+        const A xv = IOS::load1(xp + p);
+        IOS::store1(yp + p, g * IOS::load1(up + p) + xv);
+        s += xv;
+      }
+      pool_x[c] = s * inv;
     }
   }
 
