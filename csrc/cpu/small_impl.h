@@ -6,6 +6,35 @@ template <class A> struct VecOf;
 template <> struct VecOf<float> { using V = f32x8; static constexpr int L = 8; };
 template <> struct VecOf<double> { using V = f64x4; static constexpr int L = 4; };
 
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+// exp(x), 8 lanes: Cephes expf (range reduction by ln 2 in two parts, degree-5 polynomial), within
+// about 1 ulp like the libm / Sleef exp that torch.sigmoid uses. NaN propagates.
+CMPE_INL f32x8 exp_f32x8(f32x8 x) {
+  x = x > 88.3762626647949f ? f32x8{} + 88.3762626647949f : x;
+  x = x < -87.3365447504f ? f32x8{} - 87.3365447504f : x;
+  const f32x8 t = x * 1.44269504088896341f;
+  const i32x8 n = __builtin_convertvector(t + (t >= 0.0f ? f32x8{} + 0.5f : f32x8{} - 0.5f), i32x8);
+  const f32x8 nf = __builtin_convertvector(n, f32x8);
+  const f32x8 r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  f32x8 p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  return p * (f32x8)((n + 127) << 23);
+}
+
+template <class A> CMPE_INL void sigmoid_inplace(A* g, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) g[i] = A(1) / (A(1) + std::exp(-g[i]));
+}
+template <> CMPE_INL void sigmoid_inplace<float>(float* g, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) vstore(g + i, 1.0f / (1.0f + exp_f32x8(-vload<f32x8>(g + i))));
+  for (; i < n; ++i) g[i] = 1.0f / (1.0f + std::exp(-g[i]));
+}
+
 template <class A>
 struct Small {
   using V = typename VecOf<A>::V;
@@ -73,7 +102,7 @@ struct Small {
 
   static void excite_gate(const A* W2T, const A* h, int64_t R, int64_t C, A* gate) {
     weighted_sum(h, 1, W2T, R, C, gate);
-    for (int64_t c = 0; c < C; ++c) gate[c] = A(1) / (A(1) + std::exp(-gate[c]));
+    sigmoid_inplace<A>(gate, C);
   }
 
   static void excite_backward(const A* G, const A* gate, const A* h, const A* W2T, int64_t R, int64_t C, A* dg,
