@@ -49,6 +49,7 @@ struct Launch {
   int vec;          // elements per vector access (16 bytes / sizeof(scalar) or 1)
   size_t smem;      // dynamic shared memory bytes
   bool cooperative; // launch with cudaLaunchCooperativeKernel
+  bool per_sample;  // forward, samples independent: a block owns whole samples, no grid barrier
 };
 
 struct ForwardParams {

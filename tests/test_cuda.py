@@ -298,6 +298,25 @@ def test_bitwise_deterministic(mode, layout):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("env", [{"CMPE_SE_CUDA_PATH": "per_sample"}, {"CMPE_SE_CUDA_VEC": "0"},
+                                 {"CMPE_SE_CUDA_THREADS": "512", "CMPE_SE_CUDA_BLOCKS": "7"},
+                                 {"CMPE_SE_CUDA_SPLITS": "3", "CMPE_SE_CUDA_THREADS": "128"}],
+                         ids=["per_sample", "scalar", "t512_b7", "s3_t128"])
+def test_launch_variants(env):
+    """The launch options of docs/CUDA.md (read once per process: run in a subprocess)."""
+    _need_ext()
+    code = ("import sys, torch\nsys.path.insert(0, '.')\nimport test_cuda as T\n"
+            "for mode in T.MODES:\n"
+            "    for layout in ('nchw', 'channels_last'):\n"
+            "        for training in (True, False):\n"
+            "            T._check_case(mode, torch.float16, (5, 32, 7, 7), layout, training)\n"
+            "            T._check_case(mode, torch.float32, (3, 40, 8, 8), layout, training)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False,
+                         cwd=os.path.join(ROOT, "tests"), env={**os.environ, **env})
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["se", "folded_3x3"])
 def test_cuda_graph_capture(mode):
     _need_ext()
@@ -579,6 +598,7 @@ Launch mk_launch(const Geometry& g, bool bwd, int elem, int acc, int64_t threads
   int nvr = g.P / l.vec, gw = 1;
   while (gw < 32 && gw < nvr) gw *= 2;
   l.gw = gw;
+  l.per_sample = std::getenv("CMPE_SE_EMU_PER_SAMPLE") != nullptr;
   l.smem = smem_plan(g, acc, bwd, l.threads, l.vec).total;
   return l;
 }

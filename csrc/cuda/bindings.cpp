@@ -34,6 +34,8 @@ struct EnvConfig {
   int splits = 0;      // CMPE_SE_CUDA_SPLITS (0: heuristic)
   bool vec = true;     // CMPE_SE_CUDA_VEC=0 forces scalar accesses
   bool coop = true;    // CMPE_SE_CUDA_COOP=0 launches without the cooperative attribute
+  bool per_sample = false;  // CMPE_SE_CUDA_PATH=per_sample: forward without grid barriers where
+                            // samples are independent (se, double_fc, eval pair modes)
 };
 
 int env_int(const char* name, int dflt) {
@@ -49,6 +51,8 @@ const EnvConfig& env_config() {
     c.splits = std::max(0, env_int("CMPE_SE_CUDA_SPLITS", 0));
     c.vec = env_int("CMPE_SE_CUDA_VEC", 1) != 0;
     c.coop = env_int("CMPE_SE_CUDA_COOP", 1) != 0;
+    const char* path = std::getenv("CMPE_SE_CUDA_PATH");
+    c.per_sample = path && std::string(path) == "per_sample";
     return c;
   }();
   return cfg;
@@ -183,7 +187,7 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 // Launch configuration: vector width, persistent grid, splits, shared memory.
 template <typename F>
 Launch make_launch(Geometry& g, bool backward, int elem, int acc, std::initializer_list<const void*> ptrs,
-                   int device, const void* key, F&& prepare) {
+                   int device, const void* key, bool independent, F&& prepare) {
   const EnvConfig& cfg = env_config();
   Launch l{};
   l.threads = cfg.threads;
@@ -229,6 +233,12 @@ Launch make_launch(Geometry& g, bool backward, int elem, int acc, std::initializ
   const long long stream_blocks = (base_items * S + per_block - 1) / per_block;
   l.blocks = (int)std::max<long long>(1, std::min<long long>(grid, std::max<long long>(stream_blocks, g.N)));
   l.cooperative = cfg.coop;
+  l.per_sample = false;
+  if (cfg.per_sample && independent && !backward) {  // one block owns whole samples
+    l.per_sample = true;
+    l.splits = 1;
+    l.blocks = std::max(1, std::min(grid, g.N));
+  }
   return l;
 }
 
@@ -326,7 +336,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
   Launch l{};
   CMPE_SE_DISPATCH(u.scalar_type(), "u", {
     l = make_launch(g, false, elem, accb, {uc.data_ptr(), xc.data_ptr(), y.data_ptr()}, device,
-                    reinterpret_cast<const void*>(&forward_prepare<scalar_t>),
+                    reinterpret_cast<const void*>(&forward_prepare<scalar_t>), !(pair && training),
                     [](int t, size_t s, int v, int* b) { return forward_prepare<scalar_t>(t, s, v, b); });
   });
   uintptr_t off = 256;
@@ -434,7 +444,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   Launch l{};
   CMPE_SE_DISPATCH(u.scalar_type(), "u", {
     l = make_launch(g, true, elem, accb, {uc.data_ptr(), dyc.data_ptr(), grad_u.data_ptr(), grad_x.data_ptr()},
-                    device, reinterpret_cast<const void*>(&backward_prepare<scalar_t>),
+                    device, reinterpret_cast<const void*>(&backward_prepare<scalar_t>), false,
                     [](int t, size_t s, int v, int* b) { return backward_prepare<scalar_t>(t, s, v, b); });
   });
   uintptr_t off = 256;

@@ -248,10 +248,13 @@ __device__ void backward_body(const BackwardParams& p, const Launch& l, const Sm
   A* gpart = static_cast<A*>(p.gpart);
   GridBarrier bar{p.counter, 0u};
 
+  const long long items = g.N * items_per_sample(g, S, l.cv, V);
+  const ItemRange all = ItemRange::grid(items, !g.channels_last);
   if (g.channels_last)
-    squeeze_cl<true, T, V>(g, S, l.cv, dy, u, gpart, gpart, reinterpret_cast<A*>(smem));
+    squeeze_cl<true, T, V>(g, S, l.cv, dy, u, gpart, gpart, reinterpret_cast<A*>(smem), all.it0, all.it1, all.wid,
+                           all.nw);
   else
-    squeeze_nchw<true, T, V>(g, S, l.gw, dy, u, gpart, gpart);
+    squeeze_nchw<true, T, V>(g, S, l.gw, dy, u, gpart, gpart, all.it0, all.it1, all.wid, all.nw);
   bar.sync();
 
   constexpr bool kPair = MODE >= (int)Mode::PAIR_2X1;
@@ -285,9 +288,9 @@ __device__ void backward_body(const BackwardParams& p, const Launch& l, const Sm
   T* o0 = static_cast<T*>(p.du_out);
   T* o1 = static_cast<T*>(p.dx_out);
   if (g.channels_last)
-    apply_cl<true, T, V>(g, S, l.cv, dy, dy, o0, o1, gate, du, dx);
+    apply_cl<true, T, V>(g, S, l.cv, dy, dy, o0, o1, gate, du, dx, all.it0, all.it1, all.wid, all.nw);
   else
-    apply_nchw<true, T, V>(g, S, l.gw, dy, dy, o0, o1, gate, du, dx);
+    apply_nchw<true, T, V>(g, S, l.gw, dy, dy, o0, o1, gate, du, dx, all.it0, all.it1, all.wid, all.nw);
 }
 
 template <typename T, int V>

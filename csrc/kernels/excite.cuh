@@ -108,6 +108,26 @@ __device__ void stage_filters(const Geometry& g, const Smem<A>& sm, const A* pai
   }
 }
 
+// Evaluation-mode filter table straight from the running statistics (the per-sample path,
+// which has no grid barrier to publish bn_mean / bn_invstd first; same arithmetic as the
+// forward's saved statistics).
+template <int MODE, typename A>
+__device__ void stage_filters_running(const Geometry& g, const Smem<A>& sm, const A* pair_w, const void* rm,
+                                      const void* rv, StatDtype t, double eps, const A* bn_w, const A* bn_b) {
+  constexpr int K = PatchSize<MODE>::K;
+  for (int i = threadIdx.x; i < g.e; i += blockDim.x) {
+    A* f = sm.filt + i * sm.fs;
+#pragma unroll
+    for (int k = 0; k < K; ++k) f[k] = pair_w[i * K + k];
+    const A var = (A)load_stat(rv, t, i);
+    f[K + F_MU] = (A)load_stat(rm, t, i);
+    f[K + F_INV] = A(1) / sqrt(var + (A)eps);
+    f[K + F_GAMMA] = bn_w[i];
+    f[K + F_BETA] = bn_b[i];
+    f[K + F_M2] = A(0);
+  }
+}
+
 // out(o, sum_t W[o*so + t*st] * vec[t]) for o < nout: one warp per output, lanes along t.
 template <typename A, typename F>
 __device__ __forceinline__ void warp_dots(const A* W, long long so, long long st, const A* vec, int len,

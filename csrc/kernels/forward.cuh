@@ -115,7 +115,7 @@ __device__ void fwd_excite(const ForwardParams& p, const FwdWork<T>& w, int S, i
   }
   A* hidden = static_cast<A*>(p.hidden) + (long long)n * g.Rh;
   auto put_h = [&](int o, A s) {
-    s = s > A(0) ? s : A(0);
+    s = s < A(0) ? A(0) : s;  // relu; NaN propagates, as torch.relu
     sm.sh[o] = s;
     hidden[o] = s;
   };
@@ -143,12 +143,43 @@ __device__ void forward_body(const ForwardParams& p, const Launch& l, const Smem
   T* y = static_cast<T*>(p.y);
   GridBarrier bar{p.counter, 0u};
 
-  if (g.channels_last)
-    squeeze_cl<false, T, V>(g, S, l.cv, u, x, w.part_u, w.part_x, reinterpret_cast<A*>(smem));
-  else
-    squeeze_nchw<false, T, V>(g, S, l.gw, u, x, w.part_u, w.part_x);
+  const long long ips = items_per_sample(g, S, l.cv, V);
+  const bool per_warp = !g.channels_last;
+  const A* gate = static_cast<const A*>(p.gate);
+  auto squeeze = [&](const ItemRange& r) {
+    if (g.channels_last)
+      squeeze_cl<false, T, V>(g, S, l.cv, u, x, w.part_u, w.part_x, reinterpret_cast<A*>(smem), r.it0, r.it1, r.wid,
+                              r.nw);
+    else
+      squeeze_nchw<false, T, V>(g, S, l.gw, u, x, w.part_u, w.part_x, r.it0, r.it1, r.wid, r.nw);
+  };
+  auto apply = [&](const ItemRange& r) {
+    if (g.channels_last)
+      apply_cl<false, T, V>(g, S, l.cv, u, x, y, y, gate, gate, gate, r.it0, r.it1, r.wid, r.nw);
+    else
+      apply_nchw<false, T, V>(g, S, l.gw, u, x, y, y, gate, gate, gate, r.it0, r.it1, r.wid, r.nw);
+  };
 
   constexpr bool kPair = MODE >= (int)Mode::PAIR_2X1;
+  if (l.per_sample && !(kPair && p.training)) {
+    // Samples are independent (no batch statistics): each block owns whole samples, squeeze,
+    // excite and apply with block barriers only. Launch option CMPE_SE_CUDA_PATH=per_sample.
+    if (kPair && blockIdx.x == 0) fwd_stats_eval<T>(p);
+    for (int n = blockIdx.x; n < g.N; n += gridDim.x) {
+      squeeze(ItemRange::sample(ips, n, per_warp));
+      __syncthreads();
+      if constexpr (kPair)  // after the squeeze: its channels_last scratch aliases the table
+        stage_filters_running<MODE, A>(g, sm, static_cast<const A*>(p.pair_w), p.running_mean, p.running_var,
+                                       p.stat_dtype, p.eps, static_cast<const A*>(p.bn_w),
+                                       static_cast<const A*>(p.bn_b));
+      fwd_excite<MODE, T>(p, w, S, n, sm);  // starts with a block barrier after its own staging
+      apply(ItemRange::sample(ips, n, per_warp));
+    }
+    return;
+  }
+
+  squeeze(ItemRange::grid(g.N * ips, per_warp));
+
   if constexpr (kPair) {
     if (p.training) {
       bar.sync();  // partial pools complete
@@ -177,11 +208,7 @@ __device__ void forward_body(const ForwardParams& p, const Launch& l, const Smem
   for (int n = blockIdx.x; n < g.N; n += gridDim.x) fwd_excite<MODE, T>(p, w, S, n, sm);
   bar.sync();
 
-  const A* gate = static_cast<const A*>(p.gate);
-  if (g.channels_last)
-    apply_cl<false, T, V>(g, S, l.cv, u, x, y, y, gate, gate, gate);
-  else
-    apply_nchw<false, T, V>(g, S, l.gw, u, x, y, y, gate, gate, gate);
+  apply(ItemRange::grid(g.N * ips, per_warp));
 }
 
 template <typename T, int V>

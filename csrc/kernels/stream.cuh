@@ -8,6 +8,10 @@
 // along C, blockDim/CV pixel rows). Items are strided over the persistent grid. Each thread
 // keeps UNROLL independent 16-byte loads in flight. Partial sums land in fixed slots
 // [N][S][C] that the consumers add in s order: deterministic.
+//
+// Each function processes items [it0, it1) with `nw` workers (NCHW: warps; channels_last:
+// blocks), this one being worker `wid`: the whole grid (ItemRange::grid) or one block's share
+// of one sample (ItemRange::sample, the per-sample path).
 #pragma once
 
 #include "kernels/common.cuh"
@@ -16,21 +20,43 @@ namespace cmpe_se {
 
 constexpr int kUnroll = 4;
 
+// Item ranges: a sample's items are contiguous in both layouts (n is the slowest index).
+struct ItemRange {
+  long long it0, it1, wid, nw;
+  // every item of the tensor, spread over the whole grid
+  __device__ static ItemRange grid(long long items, bool per_warp) {
+    if (per_warp)
+      return {0, items, ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5,
+              ((long long)gridDim.x * blockDim.x) >> 5};
+    return {0, items, (long long)blockIdx.x, (long long)gridDim.x};
+  }
+  // the items of sample n, spread over this block only
+  __device__ static ItemRange sample(long long items_per_sample, int n, bool per_warp) {
+    const long long b = (long long)n * items_per_sample;
+    if (per_warp) return {b, b + items_per_sample, (long long)(threadIdx.x >> 5), (long long)(blockDim.x >> 5)};
+    return {b, b + items_per_sample, 0, 1};
+  }
+};
+
+// Items per sample: NCHW (c, split); channels_last (channel chunk, split).
+__device__ __forceinline__ long long items_per_sample(const Geometry& g, int S, int CV, int V) {
+  if (!g.channels_last) return (long long)g.C * S;
+  const int nvc = g.C / V;
+  return (long long)((nvc + CV - 1) / CV) * S;
+}
+
 // DOT = false: part0 += a, part1 += b (forward pools). DOT = true: part0 += a*b (backward G).
 template <bool DOT, typename T, int V>
 __device__ void squeeze_nchw(const Geometry& g, int S, int GW, const T* a, const T* b, acc_t<T>* part0,
-                             acc_t<T>* part1) {
+                             acc_t<T>* part1, long long it0, long long it1, long long wid, long long nw) {
   using A = acc_t<T>;
   // GW lanes per item (a power of two <= 32): short rows (P/V < 32) share a warp.
   const int lane = threadIdx.x & 31, sub = lane & (GW - 1), grp = lane / GW, gpw = 32 / GW;
-  const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
   const int nv = g.P / V;
   const int seg = (nv + S - 1) / S;
-  const long long items = (long long)g.N * g.C * S;
-  for (long long base = (((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * gpw; base < items;
-       base += nwarps * gpw) {
+  for (long long base = it0 + wid * gpw; base < it1; base += nw * gpw) {
     const long long it = base + grp;
-    const bool valid = it < items;  // warp-uniform loop: every lane reaches the shuffles
+    const bool valid = it < it1;  // warp-uniform loop: every lane reaches the shuffles
     const long long row = valid ? it / S : 0;
     const int s = valid ? (int)(it - row * S) : 0;
     const int v1 = valid ? min(nv, (s + 1) * seg) : 0;
@@ -88,15 +114,14 @@ __device__ void squeeze_nchw(const Geometry& g, int S, int GW, const T* a, const
 // channels_last: red is shared scratch of (DOT ? 1 : 2) * blockDim * V accumulators.
 template <bool DOT, typename T, int V>
 __device__ void squeeze_cl(const Geometry& g, int S, int CV, const T* a, const T* b, acc_t<T>* part0,
-                           acc_t<T>* part1, acc_t<T>* red) {
+                           acc_t<T>* part1, acc_t<T>* red, long long it0, long long it1, long long bid, long long nb) {
   using A = acc_t<T>;
   const int cv = threadIdx.x % CV, py = threadIdx.x / CV, PY = blockDim.x / CV;
   const int nvc = g.C / V;
   const int nch = (nvc + CV - 1) / CV;
   const int seg = (g.P + S - 1) / S;
-  const long long items = (long long)g.N * nch * S;
   A* red1 = red + PY * CV * V;
-  for (long long it = blockIdx.x; it < items; it += gridDim.x) {
+  for (long long it = it0 + bid; it < it1; it += nb) {
     const int n = (int)(it / (nch * S));
     const int rem = (int)(it - (long long)n * nch * S);
     const int ch = rem / S, s = rem - (rem / S) * S;
@@ -213,15 +238,13 @@ __device__ __forceinline__ void apply_vecs(const T* a, const T* b, T* o0, T* o1,
 
 template <bool BWD, typename T, int V>
 __device__ void apply_nchw(const Geometry& g, int S, int GW, const T* a, const T* b, T* o0, T* o1,
-                           const acc_t<T>* gate, const acc_t<T>* c1, const acc_t<T>* c2) {
+                           const acc_t<T>* gate, const acc_t<T>* c1, const acc_t<T>* c2, long long it0, long long it1,
+                           long long wid, long long nw) {
   using A = acc_t<T>;
   const int lane = threadIdx.x & 31, sub = lane & (GW - 1), grp = lane / GW, gpw = 32 / GW;
-  const long long ngroups = ((long long)gridDim.x * blockDim.x) / GW;
   const int nv = g.P / V;
   const int seg = (nv + S - 1) / S;
-  const long long items = (long long)g.N * g.C * S;
-  for (long long it = (((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * gpw + grp; it < items;
-       it += ngroups) {
+  for (long long it = it0 + wid * gpw + grp; it < it1; it += nw * gpw) {
     const long long row = it / S;
     const int s = (int)(it - row * S);
     const int v1 = min(nv, (s + 1) * seg);
@@ -250,14 +273,14 @@ __device__ void apply_nchw(const Geometry& g, int S, int GW, const T* a, const T
 
 template <bool BWD, typename T, int V>
 __device__ void apply_cl(const Geometry& g, int S, int CV, const T* a, const T* b, T* o0, T* o1,
-                         const acc_t<T>* gate, const acc_t<T>* c1, const acc_t<T>* c2) {
+                         const acc_t<T>* gate, const acc_t<T>* c1, const acc_t<T>* c2, long long it0, long long it1,
+                         long long bid, long long nb) {
   using A = acc_t<T>;
   const int cv = threadIdx.x % CV, py = threadIdx.x / CV, PY = blockDim.x / CV;
   const int nvc = g.C / V;
   const int nch = (nvc + CV - 1) / CV;
   const int seg = (g.P + S - 1) / S;
-  const long long items = (long long)g.N * nch * S;
-  for (long long it = blockIdx.x; it < items; it += gridDim.x) {
+  for (long long it = it0 + bid; it < it1; it += nb) {
     const int n = (int)(it / (nch * S));
     const int rem = (int)(it - (long long)n * nch * S);
     const int ch = rem / S, s = rem - (rem / S) * S;
