@@ -137,7 +137,7 @@ def _hidden(pu_row, px_row, w1, w1i, weff, mq, beff, C, R, R_TOT, DZ,
             z = tl.sum((q - mq[None, :]) * weff[None, :], axis=1) + beff
             w = tl.load(w1 + ii[:, None] * DZ + k[None, :], mask=(ii[:, None] < R_TOT) & km[None, :], other=0.0)
             h += tl.sum(w * z[None, :], axis=1)
-    return tl.maximum(h, 0.0)
+    return tl.where(h < 0.0, 0.0, h)  # relu; NaN propagates, as torch.relu
 
 
 @triton.jit

@@ -34,6 +34,21 @@ def _check_shape(name, t, shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def check_fold(mode, channels, fold_width, padding):
+    """``padding`` is 0 or 1; for ``folded_3x3``, ``fold_width`` divides C and the fold is big
+    enough for a 3x3 conv (2k >= 3 and m >= 3 with padding 0)."""
+    if padding not in (0, 1):
+        raise ValueError(f"padding must be 0 or 1, got {padding!r}")
+    if mode != "folded_3x3":
+        return
+    if not isinstance(fold_width, int) or fold_width < 1 or channels % fold_width:
+        raise ValueError(f"fold_width must be a positive divisor of the channel count {channels}, got {fold_width!r}")
+    hm, wm = map_shape(mode, channels, fold_width, padding)
+    if hm < 1 or wm < 1:
+        raise ValueError(f"fold too small for a 3x3 conv with padding={padding}: {2 * (channels // fold_width)} rows "
+                         f"x {fold_width} columns (needs >= 3 each with padding 0); lower fold_width or use padding=1")
+
+
 def validate(u, x, fc1_weight, fc2_weight, fc1_identity_weight, pair_weight, bn_weight, bn_bias,
              running_mean, running_var, *, mode, training, fold_width, padding):
     """Every check the kernels rely on, with the argument's name in the message."""
@@ -52,15 +67,7 @@ def validate(u, x, fc1_weight, fc2_weight, fc1_identity_weight, pair_weight, bn_
     n, c, h, w = u.shape
     if n == 0 or c == 0 or h == 0 or w == 0:
         raise ValueError(f"u must be non-empty, got shape {tuple(u.shape)}")
-    if padding not in (0, 1):
-        raise ValueError(f"padding must be 0 or 1, got {padding!r}")
-    if mode == "folded_3x3":
-        if not isinstance(fold_width, int) or fold_width < 1 or c % fold_width:
-            raise ValueError(f"fold_width must be a positive divisor of the channel count {c}, got {fold_width!r}")
-        hm, wm = map_shape(mode, c, fold_width, padding)
-        if hm < 1 or wm < 1:
-            raise ValueError(f"fold too small for a 3x3 conv with padding={padding}: {2 * (c // fold_width)} rows x "
-                             f"{fold_width} columns (needs >= 3 each with padding 0); lower fold_width or use padding=1")
+    check_fold(mode, c, fold_width, padding)
     weights = {"fc1_weight": fc1_weight, "fc2_weight": fc2_weight}
     if mode == "double_fc":
         weights["fc1_identity_weight"] = fc1_identity_weight

@@ -7,13 +7,8 @@ import torch
 from torch import nn
 
 from .dispatch import BACKEND_NAMES
-from .functional import cmpe_se
-from .reference import KERNEL_SIZE, MODES, PAIR_MODES, map_shape, relation_dim
-
-
-def default_pair_filters(channels: int) -> int:
-    """SPEC section 1: ``e = max(1, C // 16)``."""
-    return max(1, channels // 16)
+from .functional import check_fold, cmpe_se
+from .reference import MODES, PAIR_MODES, build_layers
 
 
 def check_config(channels, mode, reduction, pair_filters, fold_width, padding, backend):
@@ -25,17 +20,9 @@ def check_config(channels, mode, reduction, pair_filters, fold_width, padding, b
         raise ValueError(f"reduction must be a positive int, got {reduction!r}")
     if pair_filters is not None and (not isinstance(pair_filters, int) or pair_filters < 1):
         raise ValueError(f"pair_filters must be a positive int or None, got {pair_filters!r}")
-    if padding not in (0, 1):
-        raise ValueError(f"padding must be 0 or 1, got {padding!r}")
     if backend not in ("auto",) + BACKEND_NAMES:
         raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
-    if mode == "folded_3x3":
-        if not isinstance(fold_width, int) or fold_width < 1 or channels % fold_width:
-            raise ValueError(f"fold_width must be a positive divisor of channels={channels}, got {fold_width!r}")
-        hm, wm = map_shape(mode, channels, fold_width, padding)
-        if hm < 1 or wm < 1:
-            raise ValueError(f"fold too small for a 3x3 conv with padding={padding}: {2 * (channels // fold_width)}"
-                             f" rows x {fold_width} columns (each needs >= 3 with padding 0)")
+    check_fold(mode, channels, fold_width, padding)
 
 
 class CMPESE(nn.Module):
@@ -56,19 +43,8 @@ class CMPESE(nn.Module):
                  bn_eps=1e-5, bn_momentum=0.1, backend="auto"):
         super().__init__()
         check_config(channels, mode, reduction, pair_filters, fold_width, padding, backend)
-        self.channels, self.mode, self.reduction = channels, mode, reduction
-        self.hidden = max(1, channels // reduction)
-        self.fold_width, self.padding, self.backend = fold_width, padding, backend
-        self.pair_filters = (pair_filters or default_pair_filters(channels)) if mode in PAIR_MODES else 0
-        dz = relation_dim(mode, channels, fold_width, padding)
-        self.fc1 = nn.Linear(dz, self.hidden, bias=False)
-        if mode == "double_fc":
-            self.fc1_identity = nn.Linear(channels, self.hidden, bias=False)
-        self.fc2 = nn.Linear(2 * self.hidden if mode == "double_fc" else self.hidden, channels, bias=False)
-        if mode in PAIR_MODES:
-            pad = padding if mode == "folded_3x3" else 0
-            self.pair_conv = nn.Conv2d(1, self.pair_filters, KERNEL_SIZE[mode], padding=pad, bias=False)
-            self.pair_bn = nn.BatchNorm2d(self.pair_filters, eps=bn_eps, momentum=bn_momentum)
+        build_layers(self, channels, mode, reduction, pair_filters, fold_width, padding, bn_eps, bn_momentum)
+        self.backend = backend
 
     def reset_parameters(self):
         for m in self.children():

@@ -236,6 +236,25 @@ def backward_op_reference(grad_y, u, pool_u, pool_x, gate, hidden, bn_mean, bn_i
 # the eager module, written the way a PyTorch user would (nn layers, nn.BatchNorm2d itself)
 # ---------------------------------------------------------------------------------------------
 
+def build_layers(module, channels, mode, reduction, pair_filters, fold_width, padding, bn_eps, bn_momentum):
+    """Create the SPEC section 1 layers on ``module`` (``fc1``, ``fc1_identity``, ``fc2``,
+    ``pair_conv``, ``pair_bn``) and its size attributes; shared by every CMPE-SE module so the
+    state_dicts cannot drift apart. Default pair filters: ``e = max(1, C // 16)``."""
+    from torch import nn
+    module.channels, module.mode, module.reduction = channels, mode, reduction
+    module.hidden = max(1, channels // reduction)
+    module.fold_width, module.padding = fold_width, padding
+    module.pair_filters = (pair_filters or max(1, channels // 16)) if mode in PAIR_MODES else 0
+    module.fc1 = nn.Linear(relation_dim(mode, channels, fold_width, padding), module.hidden, bias=False)
+    if mode == "double_fc":
+        module.fc1_identity = nn.Linear(channels, module.hidden, bias=False)
+    module.fc2 = nn.Linear(2 * module.hidden if mode == "double_fc" else module.hidden, channels, bias=False)
+    if mode in PAIR_MODES:
+        pad = padding if mode == "folded_3x3" else 0
+        module.pair_conv = nn.Conv2d(1, module.pair_filters, KERNEL_SIZE[mode], padding=pad, bias=False)
+        module.pair_bn = nn.BatchNorm2d(module.pair_filters, eps=bn_eps, momentum=bn_momentum)
+
+
 class CMPESEReference(torch.nn.Module):
     """Plain-PyTorch CMPE-SE block with the SPEC parameter names (``fc1``, ``fc1_identity``,
     ``fc2``, ``pair_conv``, ``pair_bn``). Same constructor as :class:`cmpe_se_fused.CMPESE`
@@ -244,21 +263,9 @@ class CMPESEReference(torch.nn.Module):
     def __init__(self, channels, mode="folded_3x3", reduction=16, pair_filters=None, fold_width=16, padding=0,
                  bn_eps=1e-5, bn_momentum=0.1):
         super().__init__()
-        from torch import nn
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.channels, self.mode, self.reduction = channels, mode, reduction
-        self.hidden = max(1, channels // reduction)
-        self.fold_width, self.padding = fold_width, padding
-        self.pair_filters = (pair_filters or max(1, channels // 16)) if mode in PAIR_MODES else 0
-        self.fc1 = nn.Linear(relation_dim(mode, channels, fold_width, padding), self.hidden, bias=False)
-        if mode == "double_fc":
-            self.fc1_identity = nn.Linear(channels, self.hidden, bias=False)
-        self.fc2 = nn.Linear(2 * self.hidden if mode == "double_fc" else self.hidden, channels, bias=False)
-        if mode in PAIR_MODES:
-            pad = padding if mode == "folded_3x3" else 0
-            self.pair_conv = nn.Conv2d(1, self.pair_filters, KERNEL_SIZE[mode], padding=pad, bias=False)
-            self.pair_bn = nn.BatchNorm2d(self.pair_filters, eps=bn_eps, momentum=bn_momentum)
+        build_layers(self, channels, mode, reduction, pair_filters, fold_width, padding, bn_eps, bn_momentum)
 
     def forward(self, u, x):
         acc = acc_dtype(u.dtype)

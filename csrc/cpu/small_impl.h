@@ -96,7 +96,7 @@ struct Small {
   static void gemv_relu(const A* W, const A* x, int64_t rows, int64_t cols, A* y) {
     for (int64_t i = 0; i < rows; ++i) {
       const A v = dot(W + i * cols, x, cols);
-      y[i] = v > A(0) ? v : A(0);
+      y[i] = v < A(0) ? A(0) : v;  // NaN propagates, as torch.relu
     }
   }
 
