@@ -76,7 +76,7 @@ __device__ void fwd_stats_last(const ForwardParams& p, const Smem<acc_t<T>>& sm)
       for (int k2 = 0; k2 < K; ++k2) row += (double)pw[i * K + k2] * cov[k1 * K + k2];
       var += w1 * row;
     }
-    var = var > 0.0 ? var : 0.0;
+    var = var < 0.0 ? 0.0 : var;  // rounding can go below 0; NaN propagates
     static_cast<A*>(p.bn_mean)[i] = (A)mu;
     static_cast<A*>(p.bn_invstd)[i] = (A)(1.0 / sqrt(var + p.eps));
     const double rm = load_stat(p.running_mean, p.stat_dtype, i);
