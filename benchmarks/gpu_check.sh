@@ -158,7 +158,7 @@ if [ "${GPU_CHECK_SKIP_PYTEST:-0}" = 1 ]; then
     record pytest SKIP 0 "GPU_CHECK_SKIP_PYTEST=1"; echo "skipped" > "$OUT/pytest.log"
 else
     step pytest "$(cap 240 $((BENCH_MIN + SANITIZER_MIN + 10)))" "$OUT/pytest.log" \
-        "$PY" -m pytest -m cuda -x -q -p no:cacheprovider tests
+        "$PY" -m pytest -m cuda --maxfail=25 -q -p no:cacheprovider tests
     done_step pytest "$(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/pytest.log" | tail -1 | tr -d '=' | sed 's/^ *//')"
 fi
 

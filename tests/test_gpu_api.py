@@ -54,7 +54,7 @@ def test_autocast_bf16(backend):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("mode", ["se", "folded_3x3"])
+@pytest.mark.parametrize("mode", ["folded_3x3"])
 def test_compile_fullgraph(backend, mode):
     _need(backend)
     torch._dynamo.reset()
