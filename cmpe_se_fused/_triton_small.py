@@ -131,12 +131,14 @@ def _hidden(pu_row, px_row, w1, w1i, weff, mq, beff, C, R, R_TOT, DZ,
             wa = tl.load(w1 + ii[:, None] * DZ + k[None, :], mask=(ii[:, None] < R) & km[None, :], other=0.0)
             wb = tl.load(w1i + (ii[:, None] - R) * DZ + k[None, :],
                          mask=(ii[:, None] >= R) & (ii[:, None] < R_TOT) & km[None, :], other=0.0)
-            h += tl.sum(wa * zu[None, :] + wb * zx[None, :], axis=1)
+            # select, not add: a masked-out 0 weight times an inf pool would make a NaN
+            h += tl.sum(tl.where(ii[:, None] < R, wa * zu[None, :], wb * zx[None, :]), axis=1)
         else:
             q = _patch(pu_row, px_row, k[:, None], jj[None, :], km[:, None], MODE, FOLD_M, FOLD_ROWS, OC, PAD)
             z = tl.sum((q - mq[None, :]) * weff[None, :], axis=1) + beff
             w = tl.load(w1 + ii[:, None] * DZ + k[None, :], mask=(ii[:, None] < R_TOT) & km[None, :], other=0.0)
             h += tl.sum(w * z[None, :], axis=1)
+    h = tl.where(ii < R_TOT, h, 0.0)  # padded rows: 0 * inf from masked weights must not leak into fc2
     return tl.where(h < 0.0, 0.0, h)  # relu; NaN propagates, as torch.relu
 
 

@@ -21,6 +21,11 @@ BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
+# looked up once: importlib.util.find_spec is not traceable by torch.compile (dispatch runs inside
+# compiled regions)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -82,7 +87,7 @@ class TritonBackend(Backend):
         return ("cuda", "cpu") if _interpreting() else ("cuda",)
 
     def static_reasons(self):
-        if importlib.util.find_spec("triton") is None:
+        if not _HAS_TRITON:
             return ["triton is not installed"]
         if not _interpreting() and not torch.cuda.is_available():
             return ["no GPU (torch.cuda.is_available() is False) and TRITON_INTERPRET is not set"]
