@@ -1,6 +1,7 @@
 // Backward launcher, templated on the input dtype; backward_<dtype>.cu instantiate it (one file per
 // dtype so that the build and the ptxas test compile them in parallel). Torch-free.
 #pragma once
+#include "cuda/launch_common.cuh"
 #include "kernels/backward.cuh"
 
 namespace cmpe_se {
@@ -14,37 +15,12 @@ void* backward_kernel_ptr(int vec) {
 
 template <typename T>
 int backward_prepare(int threads, size_t smem, int vec, int* blocks_per_sm) {
-  const void* k = backward_kernel_ptr<T>(vec);
-  // Raise the limit to the device maximum once (never lower it: another shape's cached launch
-  // configuration may need more than this one).
-  int dev = 0, optin = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  // The dynamic limit is the opt-in maximum minus the kernel's static shared memory: asking for
-  // the whole opt-in size is cudaErrorInvalidValue (seen on an H200, 2026-11-26).
-  cudaFuncAttributes attr{};
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, k);
-  const int dyn_max = optin - static_cast<int>(attr.sharedSizeBytes);
-  if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn_max > (int)smem ? dyn_max : (int)smem);
-  if (err != cudaSuccess) return (int)err;
-  return (int)cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, k, threads, smem);
+  return prepare_kernel(backward_kernel_ptr<T>(vec), threads, smem, blocks_per_sm);
 }
 
 template <typename T>
 int backward_launch(const BackwardParams& p, const Launch& l, void* stream) {
-  BackwardParams pp = p;
-  Launch ll = l;
-  void* args[] = {&pp, &ll};
-  const void* k = backward_kernel_ptr<T>(l.vec);
-  cudaError_t err;
-  if (l.cooperative) {
-    err = cudaLaunchCooperativeKernel(k, dim3(l.blocks), dim3(l.threads), args, l.smem,
-                                      static_cast<cudaStream_t>(stream));
-  } else {
-    err = cudaLaunchKernel(k, dim3(l.blocks), dim3(l.threads), args, l.smem, static_cast<cudaStream_t>(stream));
-  }
-  return (int)err;
+  return launch_kernel(backward_kernel_ptr<T>(l.vec), p, l, stream);
 }
 
 #define CMPE_SE_INSTANTIATE_BACKWARD(T)                                     \
