@@ -91,7 +91,9 @@ def reference_fns(u, x, w, stats, kw, gy, compiled=False):
 
 def median(fn, min_run_time):
     fn()  # warm-up (and compilation)
-    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    # torch.utils.benchmark.Timer runs with ONE thread unless told otherwise
+    timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def medians(fns, min_run_time, repeat):
@@ -123,8 +125,11 @@ def main():
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile on CPU)")
     ap.add_argument("--min-run-time", type=float, default=0.3)
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (default: torch's default)")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved medians per case; the smallest is kept")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
