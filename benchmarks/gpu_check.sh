@@ -173,13 +173,17 @@ elif [ -z "$SAN" ]; then
     record sanitizer SKIP 0 "compute-sanitizer not found"; echo "compute-sanitizer not found" > "$SAN_LOG"
 else
     : > "$SAN_LOG"
-    for tool in memcheck racecheck; do
-        # racecheck is slow: the script's --quick subset (fp32, two shapes, every mode and layout)
+    # memcheck: every case; racecheck (slow): the script's --quick subset (fp32, two shapes, every
+    # mode and layout); then both again on the resident forward (CMPE_SE_CUDA_PATH=resident, --quick)
+    for run in memcheck racecheck memcheck-res racecheck-res; do
+        tool=${run%-res}
         SAN_ARGS=""; [ "$tool" = racecheck ] && SAN_ARGS="--quick"
+        CUDA_PATH_ENV="CMPE_SE_CUDA_PATH=persistent"
+        case "$run" in *-res) CUDA_PATH_ENV="CMPE_SE_CUDA_PATH=resident"; SAN_ARGS="--quick" ;; esac
         # shellcheck disable=SC2086  # SAN_ARGS is empty or one word
-        step "$tool" "$(cap 90 $((BENCH_MIN + 5)))" "$SAN_LOG" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        step "$run" "$(cap 90 $((BENCH_MIN + 5)))" "$SAN_LOG" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$CUDA_PATH_ENV" \
             "$SAN" --tool "$tool" --error-exitcode 99 --print-limit 50 "$PY" benchmarks/cuda_sanitize.py $SAN_ARGS
-        done_step "$tool" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$SAN_LOG" | tail -1 | sed 's/^=* *//')"
+        done_step "$run" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$SAN_LOG" | tail -1 | sed 's/^=* *//')"
     done
 fi
 

@@ -50,6 +50,8 @@ struct Launch {
   size_t smem;      // dynamic shared memory bytes
   bool cooperative; // launch with cudaLaunchCooperativeKernel
   bool per_sample;  // forward, samples independent: a block owns whole samples, no grid barrier
+  int cluster;      // forward, samples independent: > 0 selects the resident kernel, one cluster of
+                    // `cluster` blocks per sample (grid N * cluster), U and X kept in shared memory
 };
 
 struct ForwardParams {
@@ -151,6 +153,38 @@ CMPE_SE_HD inline SmemPlan smem_plan(const Geometry& g, int acc_size, bool backw
   return s;
 }
 
+// Shared memory of the resident kernels (one cluster of CL blocks per sample): the SmemPlan
+// region (small network; the channels_last reduction scratch aliases it), then per-block pools
+// and gate, then the block's slice of U and of X in the input dtype. The slice is a contiguous
+// part of the sample: NCHW channels [o0, o1) (whole rows), channels_last pixels [o0, o1).
+// Backward (se, double_fc): the slices hold dY and U, pu the partial G = sum dY*U, px is unused.
+struct ResidentPlan {
+  size_t pu, px, gate;  // acc[C] each: partial sums of this block's slice, then the gate
+  size_t u, x;          // T[slice]: the block's part of U and X
+  size_t slice;         // elements per block (at most)
+  size_t total;
+};
+
+CMPE_SE_HD inline int resident_outer(const Geometry& g) { return g.channels_last ? g.P : g.C; }
+CMPE_SE_HD inline int resident_inner(const Geometry& g) { return g.channels_last ? g.C : g.P; }
+CMPE_SE_HD inline int resident_per_block(const Geometry& g, int cluster) {
+  return (resident_outer(g) + cluster - 1) / cluster;
+}
+
+CMPE_SE_HD inline ResidentPlan resident_plan(const Geometry& g, int acc_size, int elem_size, int threads, int vec,
+                                             int cluster, bool backward = false) {
+  auto up = [](size_t b) { return (b + 15) / 16 * 16; };
+  ResidentPlan r;
+  r.pu = up(smem_plan(g, acc_size, backward, threads, vec).total);
+  r.px = up(r.pu + (size_t)acc_size * g.C);
+  r.gate = up(r.px + (size_t)acc_size * g.C);
+  r.slice = (size_t)resident_per_block(g, cluster) * resident_inner(g);
+  r.u = up(r.gate + (size_t)acc_size * g.C);
+  r.x = up(r.u + (size_t)elem_size * r.slice);
+  r.total = up(r.x + (size_t)elem_size * r.slice);
+  return r;
+}
+
 // Launchers (csrc/cuda/*.cu), explicit instantiations for float, half, __nv_bfloat16, double.
 // They return cudaError_t as int so that this header needs no CUDA headers.
 template <typename scalar_t>
@@ -165,5 +199,11 @@ template <typename scalar_t>
 int forward_prepare(int threads, size_t smem, int vec, int* blocks_per_sm);
 template <typename scalar_t>
 int backward_prepare(int threads, size_t smem, int vec, int* blocks_per_sm);
+// The resident forward kernel: raise its shared-memory limit (and allow clusters of 16), then
+// the number of clusters of (cluster, threads, smem) that can be co-resident (0: cannot launch).
+template <typename scalar_t>
+int resident_prepare(int threads, size_t smem, int vec, int cluster, int* max_clusters);
+template <typename scalar_t>
+int resident_backward_prepare(int threads, size_t smem, int vec, int cluster, int* max_clusters);
 
 }  // namespace cmpe_se

@@ -129,6 +129,23 @@ def test_ptxas_no_spills_no_stack(tmp_path):
     sys.stdout.write("".join(f"{k}: {v}\n" for k, v in sorted(kernels.items())))
 
 
+def test_kernels_compile_for_sm80(tmp_path):
+    """sm_80 (A100) must compile too: the cluster code of the resident kernels is sm_90-only and
+    guarded (docs/CUDA.md). Compiles the float32 forward and backward units for sm_80."""
+    if _nvcc() is None:
+        pytest.skip("nvcc not found")
+    srcs = [os.path.join(ROOT, "csrc", "cuda", f) for f in ("forward_f32.cu", "backward_f32.cu")]
+
+    def compile_one(src):
+        cmd = [_nvcc(), "-c", "-arch=sm_80", "-O1", "-std=c++17", "--expt-relaxed-constexpr", "-I",
+               os.path.join(ROOT, "csrc"), src, "-o", os.path.join(str(tmp_path), os.path.basename(src) + ".o")]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for src, res in zip(srcs, pool.map(compile_one, srcs)):
+            assert res.returncode == 0, f"nvcc -arch=sm_80 failed on {src}:\n{res.stderr[-4000:]}"
+
+
 # ---- GPU ------------------------------------------------------------------------------------
 
 def _need_ext():
@@ -300,8 +317,13 @@ def test_bitwise_deterministic(mode, layout):
 @pytest.mark.cuda
 @pytest.mark.parametrize("env", [{"CMPE_SE_CUDA_PATH": "per_sample"}, {"CMPE_SE_CUDA_VEC": "0"},
                                  {"CMPE_SE_CUDA_THREADS": "512", "CMPE_SE_CUDA_BLOCKS": "7"},
-                                 {"CMPE_SE_CUDA_SPLITS": "3", "CMPE_SE_CUDA_THREADS": "128"}],
-                         ids=["per_sample", "scalar", "t512_b7", "s3_t128"])
+                                 {"CMPE_SE_CUDA_SPLITS": "3", "CMPE_SE_CUDA_THREADS": "128"},
+                                 {"CMPE_SE_CUDA_PATH": "resident"},
+                                 {"CMPE_SE_CUDA_PATH": "resident", "CMPE_SE_CUDA_CLUSTER": "4"},
+                                 {"CMPE_SE_CUDA_PATH": "resident", "CMPE_SE_CUDA_CLUSTER": "16",
+                                  "CMPE_SE_CUDA_VEC": "0"}],
+                         ids=["per_sample", "scalar", "t512_b7", "s3_t128", "resident", "resident_c4",
+                              "resident_c16_scalar"])
 def test_launch_variants(env):
     """The launch options of docs/CUDA.md (read once per process: run in a subprocess)."""
     _need_ext()
@@ -313,6 +335,40 @@ def test_launch_variants(env):
             "            T._check_case(mode, torch.float32, (3, 40, 8, 8), layout, training)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False,
                          cwd=os.path.join(ROOT, "tests"), env={**os.environ, **env})
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.cuda
+def test_resident_path_is_taken():
+    """CMPE_SE_CUDA_PATH=resident runs the resident kernels where they apply (forward: se, double_fc,
+    eval pair modes; backward: se, double_fc) and only there: the kernel names in a profiler trace,
+    in a subprocess (the variable is read once)."""
+    _need_ext()
+    code = ("import sys, torch\nsys.path.insert(0, '.')\nimport test_cuda as T\n"
+            "from torch.profiler import profile, ProfilerActivity\n"
+            "def names(mode, training, backward, shape=(4, 64, 16, 16)):\n"
+            "    d, _, kw = T._case(mode, torch.float32, shape, training=training)\n"
+            "    out = torch.ops.cmpe_se.forward(*T._fwd_args(d, kw))\n"
+            "    dy = torch.randn_like(d['u'])\n"
+            "    torch.cuda.synchronize()\n"
+            "    with profile(activities=[ProfilerActivity.CUDA]) as prof:\n"
+            "        if backward:\n"
+            "            torch.ops.cmpe_se.backward(*T._bwd_args(dy, d, out, kw))\n"
+            "        else:\n"
+            "            torch.ops.cmpe_se.forward(*T._fwd_args(d, kw))\n"
+            "        torch.cuda.synchronize()\n"
+            "    return ' '.join(e.name for e in prof.events())\n"
+            "for mode, training in (('se', True), ('se', False), ('double_fc', True), ('folded_3x3', False)):\n"
+            "    assert 'resident' in names(mode, training, False), (mode, training)\n"
+            "for mode in ('se', 'double_fc'):\n"
+            "    n = names(mode, True, True)\n"
+            "    assert 'cmpe_se_backward_resident_kernel' in n and 'weight_grads' in n, n\n"
+            "n = names('folded_3x3', True, False)\n"
+            "assert 'resident' not in n and 'cmpe_se_forward_kernel' in n, n\n"
+            "n = names('folded_3x3', False, True)\n"
+            "assert 'resident' not in n and 'cmpe_se_backward_kernel' in n, n\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False,
+                         cwd=os.path.join(ROOT, "tests"), env={**os.environ, "CMPE_SE_CUDA_PATH": "resident"})
     assert res.returncode == 0, res.stderr[-3000:]
 
 
@@ -458,6 +514,9 @@ struct Block {
   std::vector<Barrier> warp_bars;
   std::vector<uint64_t> shfl;
   alignas(16) unsigned char vars[64];
+  int index = 0, cluster = 1;          // thread-block clusters along x: rank = index % cluster
+  Barrier* cbar = nullptr;             // barrier of this block's cluster (threads * cluster)
+  std::vector<Block*>* all = nullptr;  // every block of the grid
 };
 extern thread_local emu_dim3 tl_tid, tl_bid;
 extern emu_dim3 g_bdim, g_gdim;
@@ -469,6 +528,20 @@ extern thread_local Block* tl_block;
 #define gridDim emu::g_gdim
 #define CMPE_SE_DYNAMIC_SMEM(name) unsigned char* name = emu::tl_block->smem.data()
 #define CMPE_SE_SHARED_VAR(type, name) type& name = *reinterpret_cast<type*>(emu::tl_block->vars)
+namespace emu {
+inline void cluster_sync() { tl_block->cbar->wait(); }
+// distributed shared memory: the same offset in block `rank` of this block's cluster
+template <typename T>
+T* map_shared(T* p, int rank) {
+  Block* b = tl_block;
+  const auto off = reinterpret_cast<unsigned char*>(p) - b->smem.data();
+  if (off < 0 || (size_t)off >= b->smem.size() || rank < 0 || rank >= b->cluster) std::abort();
+  Block* t = (*b->all)[(b->index / b->cluster) * b->cluster + rank];
+  return reinterpret_cast<T*>(t->smem.data() + off);
+}
+}  // namespace emu
+#define CMPE_SE_CLUSTER_SYNC() emu::cluster_sync()
+#define CMPE_SE_CLUSTER_MAP(ptr, rank) emu::map_shared((ptr), (rank))
 
 inline void __syncthreads() { emu::tl_block->bar.wait(); }
 template <typename T>
@@ -516,7 +589,9 @@ EMU_HARNESS = r"""
 #include <memory>
 #include "cuda_runtime.h"
 #include "kernels/forward.cuh"
+#include "kernels/resident.cuh"
 #include "kernels/backward.cuh"
+#include "kernels/resident_backward.cuh"
 
 namespace emu {
 thread_local emu_dim3 tl_tid, tl_bid;
@@ -528,10 +603,12 @@ using namespace cmpe_se;
 using at::Tensor;
 
 template <typename F>
-void run_grid(int blocks, int threads, size_t smem, F kernel) {
+void run_grid(int blocks, int threads, size_t smem, F kernel, int cluster = 1) {
   emu::g_bdim = {(unsigned)threads, 1, 1};
   emu::g_gdim = {(unsigned)blocks, 1, 1};
   std::vector<std::unique_ptr<emu::Block>> bl;
+  std::vector<emu::Block*> all;
+  std::vector<std::unique_ptr<emu::Barrier>> cbars;
   for (int b = 0; b < blocks; ++b) {
     auto blk = std::make_unique<emu::Block>();
     blk->smem.assign(smem + 64, 0xCD);  // garbage-fill: reads of unwritten smem show up
@@ -539,6 +616,15 @@ void run_grid(int blocks, int threads, size_t smem, F kernel) {
     blk->warp_bars = std::vector<emu::Barrier>(threads / 32);
     for (auto& w : blk->warp_bars) w.n = 32;
     blk->shfl.assign(threads, 0);
+    blk->index = b;
+    blk->cluster = cluster;
+    if (b % cluster == 0) {
+      cbars.push_back(std::make_unique<emu::Barrier>());
+      cbars.back()->n = threads * cluster;
+    }
+    blk->cbar = cbars.back().get();
+    blk->all = &all;
+    all.push_back(blk.get());
     bl.push_back(std::move(blk));
   }
   std::vector<std::thread> ts;
@@ -607,7 +693,7 @@ std::vector<Tensor> emu_forward(Tensor u, Tensor x, Tensor fc1, c10::optional<Te
                                 c10::optional<Tensor> pw, c10::optional<Tensor> bw, c10::optional<Tensor> bb,
                                 Tensor rm, Tensor rv, std::string mode_s, bool training, double momentum, double eps,
                                 int64_t m, int64_t pad, bool cl, int64_t threads, int64_t blocks, int64_t splits,
-                                int64_t vec) {
+                                int64_t vec, int64_t cluster) {
   Mode mode = parse(mode_s);
   Geometry g = geom(u, mode, fc1, pw, m, pad, cl);
   auto acc = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -631,6 +717,18 @@ std::vector<Tensor> emu_forward(Tensor u, Tensor x, Tensor fc1, c10::optional<Te
   p.pool_u = pu.data_ptr(); p.pool_x = px.data_ptr(); p.gate = gate.data_ptr(); p.hidden = hid.data_ptr();
   p.bn_mean = bm.data_ptr(); p.bn_invstd = bi.data_ptr();
   p.counter = reinterpret_cast<unsigned*>(cnt.data_ptr()); p.part = part.data_ptr(); p.stat_part = stat.data_ptr();
+  if (cluster > 0) {  // the resident kernel: one cluster per sample
+    l.cluster = cluster;
+    l.smem = resident_plan(g, accb, u.element_size(), l.threads, l.vec, cluster).total;
+    const int rb = g.N * cluster;
+    dispatch(u.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      constexpr int kV = 16 / sizeof(T);
+      if (vec > 1) run_grid(rb, threads, l.smem, [&] { cmpe_se_forward_resident_kernel<T, kV>(p, l); }, cluster);
+      else run_grid(rb, threads, l.smem, [&] { cmpe_se_forward_resident_kernel<T, 1>(p, l); }, cluster);
+    });
+    return {y, pu, px, gate, hid, bm, bi};
+  }
   dispatch(u.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     constexpr int kV = 16 / sizeof(T);
@@ -644,7 +742,7 @@ std::vector<Tensor> emu_backward(Tensor dy, Tensor u, Tensor pu, Tensor px, Tens
                                  Tensor bi, Tensor fc1, c10::optional<Tensor> fc1i, Tensor fc2,
                                  c10::optional<Tensor> pw, c10::optional<Tensor> bw, c10::optional<Tensor> bb,
                                  std::string mode_s, bool training, int64_t m, int64_t pad, bool cl, int64_t threads,
-                                 int64_t blocks, int64_t splits, int64_t vec) {
+                                 int64_t blocks, int64_t splits, int64_t vec, int64_t cluster) {
   Mode mode = parse(mode_s);
   Geometry g = geom(u, mode, fc1, pw, m, pad, cl);
   auto acc = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -673,6 +771,19 @@ std::vector<Tensor> emu_backward(Tensor dy, Tensor u, Tensor pu, Tensor px, Tens
   p.counter = reinterpret_cast<unsigned*>(cnt.data_ptr());
   p.gpart = gpart.data_ptr(); p.dg = dg.data_ptr(); p.dhp = dhp.data_ptr(); p.zbuf = zb.data_ptr(); p.dv = dv.data_ptr();
   p.dudx = dudx.data_ptr(); p.dq = dq.data_ptr(); p.part1 = part1.data_ptr(); p.fin = fin.data_ptr();
+  if (cluster > 0) {  // the resident backward (se, double_fc), then the weight-gradient launch
+    l.cluster = cluster;
+    l.smem = resident_plan(g, accb, u.element_size(), l.threads, l.vec, cluster, true).total;
+    const int rb = g.N * cluster;
+    dispatch(u.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      constexpr int kV = 16 / sizeof(T);
+      if (vec > 1) run_grid(rb, threads, l.smem, [&] { cmpe_se_backward_resident_kernel<T, kV>(p, l); }, cluster);
+      else run_grid(rb, threads, l.smem, [&] { cmpe_se_backward_resident_kernel<T, 1>(p, l); }, cluster);
+      run_grid(2, 64, 0, [&] { cmpe_se_weight_grads_kernel<T>(p); });
+    });
+    return {gu, gx, d1, d1i, d2, dp, dbw, dbb};
+  }
   dispatch(u.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     constexpr int kV = 16 / sizeof(T);
@@ -699,7 +810,8 @@ def _emulator(tmp_dir):
         extra_cflags=["-std=c++20", "-O1", "-fno-strict-aliasing", "-w"], build_directory=tmp_dir)
 
 
-def _emulated_case(emu, mode, dtype, shape, cl, training, threads=128, blocks=3, splits=2, fold_width=8, padding=0):
+def _emulated_case(emu, mode, dtype, shape, cl, training, threads=128, blocks=3, splits=2, fold_width=8, padding=0,
+                   cluster=0):
     _, c, h, w = shape
     g = torch.Generator().manual_seed(0)
     u64 = torch.randn(*shape, generator=g, dtype=torch.float64) + 0.5
@@ -723,7 +835,7 @@ def _emulated_case(emu, mode, dtype, shape, cl, training, threads=128, blocks=3,
     kw = {"mode": mode, "training": training, "momentum": 0.1, "eps": 1e-5, "fold_width": fold_width,
           "padding": padding}
     launch = [cl_eff, threads, blocks, splits, vec]
-    out = emu.emu_forward(*_fwd_args(d, kw), *launch)
+    out = emu.emu_forward(*_fwd_args(d, kw), *launch, cluster)
     ref = forward_op_reference(*_fwd_args(d64, kw))
     eag = forward_op_reference(*_fwd_args(de, kw))
     tag = f"{mode}/{dtype}/{shape}/cl={cl}/train={training}"
@@ -735,7 +847,8 @@ def _emulated_case(emu, mode, dtype, shape, cl, training, threads=128, blocks=3,
             assert_close_rule(d[k], d64[k], de[k], name=f"{tag} {k}")
     dy64 = torch.randn(*shape, generator=g, dtype=torch.float64)
     dy = dy64.to(dtype).contiguous(memory_format=fmt)
-    grads = emu.emu_backward(*_bwd_args(dy, d, out, kw), *launch)
+    bwd_cluster = cluster if mode in ("se", "double_fc") else 0  # the resident backward's modes
+    grads = emu.emu_backward(*_bwd_args(dy, d, out, kw), *launch, bwd_cluster)
     gref = backward_op_reference(*_bwd_args(dy64, d64, ref, kw))
     geag = backward_op_reference(*_bwd_args(dy, de, eag, kw))
     for name, o, r, e in zip(("grad_u", "grad_x", "d_fc1", "d_fc1_id", "d_fc2", "d_pair", "d_bn_w", "d_bn_b"),
@@ -762,6 +875,32 @@ def test_emulated_kernels_match_reference(tmp_path):
                                                                 "padding": 1}),
             (mode, torch.float32, (2, 9, 3, 3), True, False, {"fold_width": 3}),
             (mode, torch.float16, (2, 24, 1, 1), False, True, {"blocks": 2, "splits": 1}),
+        ]
+    for mode, dtype, shape, cl, training, extra in cases:
+        _emulated_case(emu, mode, dtype, shape, cl, training, **extra)
+
+
+@pytest.mark.slow
+def test_emulated_resident_kernels_match_reference(tmp_path):
+    """The resident forward (one cluster per sample, U and X in shared memory, pools exchanged
+    through distributed shared memory) in the emulator: every mode whose samples are independent,
+    both layouts, clusters of 1 to 4 blocks including slices of unequal size (C or P not a multiple
+    of the cluster) and a cluster larger than the split axis allows for the last rank, vector and
+    scalar paths, H*W = 1. The backward runs on the resident backward kernel (plus the weight-gradient
+    launch) in se and double_fc, on the persistent kernel in the pair modes."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no host C++ compiler")
+    emu = _emulator(str(tmp_path))
+    cases = []
+    for mode in MODES:
+        train = mode in ("se", "double_fc")  # pair modes: evaluation only (batch statistics need the grid)
+        cases += [
+            (mode, torch.float32, (3, 16, 4, 4), False, train, {"cluster": 2}),
+            (mode, torch.float16, (2, 16, 4, 4), True, False, {"cluster": 4}),
+            (mode, torch.bfloat16, (2, 32, 3, 5), True, train, {"cluster": 4, "threads": 64}),
+            (mode, torch.float64, (2, 48, 3, 5), False, False, {"cluster": 1, "fold_width": 16, "padding": 1}),
+            (mode, torch.float32, (2, 24, 3, 3), False, train, {"cluster": 4, "fold_width": 8}),
+            (mode, torch.float16, (2, 24, 1, 1), False, False, {"cluster": 2}),
         ]
     for mode, dtype, shape, cl, training, extra in cases:
         _emulated_case(emu, mode, dtype, shape, cl, training, **extra)

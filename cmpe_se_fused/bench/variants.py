@@ -7,7 +7,7 @@ parameters, timed beside the default on the same rows:
   ``chunks``, ``block_c``, ``block_p``, ``block_k``, ``single_launch``), applied in-process by
   wrapping those two functions for the duration of the provider's timings;
 * ``cuda@...``, ``cpu@...``: environment variables of the compiled backends (``CMPE_SE_CUDA_THREADS``,
-  ``_BLOCKS``, ``_SPLITS``, ``_VEC``, ``_COOP``; docs/CUDA.md), which the extension reads once per
+  ``_BLOCKS``, ``_SPLITS``, ``_VEC``, ``_COOP``, ``_PATH``, ``_CLUSTER``; docs/CUDA.md), which the extension reads once per
   process, so each such variant runs in a child process of the suite (``--as-variant``) and its
   rows are merged into this run.
 
@@ -28,6 +28,9 @@ DEFAULT_VARIANTS: dict[str, dict] = {
     "triton@multi": {"single_launch": False},
     "cuda@t128": {"CMPE_SE_CUDA_THREADS": "128"},
     "cuda@t512": {"CMPE_SE_CUDA_THREADS": "512"},
+    # forward paths without grid barriers (se, double_fc, eval pair modes; others keep the default)
+    "cuda@resident": {"CMPE_SE_CUDA_PATH": "resident"},
+    "cuda@per_sample": {"CMPE_SE_CUDA_PATH": "per_sample"},
 }
 VARIANTS: dict[str, dict] = dict(DEFAULT_VARIANTS)
 ENV_BACKENDS = ("cuda", "cpu")

@@ -36,6 +36,10 @@ struct EnvConfig {
   bool coop = true;    // CMPE_SE_CUDA_COOP=0 launches without the cooperative attribute
   bool per_sample = false;  // CMPE_SE_CUDA_PATH=per_sample: forward without grid barriers where
                             // samples are independent (se, double_fc, eval pair modes)
+  bool resident = false;    // CMPE_SE_CUDA_PATH=resident: same modes, one cluster per sample with
+                            // U and X kept in shared memory (kernels/resident.cuh); backward of
+                            // se and double_fc with dY kept (kernels/resident_backward.cuh)
+  int cluster = 0;          // CMPE_SE_CUDA_CLUSTER: resident cluster size (0: heuristic)
 };
 
 int env_int(const char* name, int dflt) {
@@ -53,6 +57,13 @@ const EnvConfig& env_config() {
     c.coop = env_int("CMPE_SE_CUDA_COOP", 1) != 0;
     const char* path = std::getenv("CMPE_SE_CUDA_PATH");
     c.per_sample = path && std::string(path) == "per_sample";
+    c.resident = path && std::string(path) == "resident";
+    TORCH_CHECK(!path || !*path || c.per_sample || c.resident || std::string(path) == "persistent",
+                "cmpe_se (CUDA): CMPE_SE_CUDA_PATH must be persistent, per_sample or resident, got '", path, "'");
+    c.cluster = std::max(0, env_int("CMPE_SE_CUDA_CLUSTER", 0));
+    TORCH_CHECK(c.cluster == 0 || c.cluster == 1 || c.cluster == 2 || c.cluster == 4 || c.cluster == 8 ||
+                    c.cluster == 16,
+                "cmpe_se (CUDA): CMPE_SE_CUDA_CLUSTER must be 1, 2, 4, 8 or 16, got ", c.cluster);
     return c;
   }();
   return cfg;
@@ -99,6 +110,67 @@ int cached_blocks_per_sm(const void* key, int threads, size_t smem, int vec, int
   std::lock_guard<std::mutex> lock(mu);
   cache[k] = bps;
   return bps;
+}
+
+int cc_major(int device) {
+  static std::mutex mu;
+  static std::map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, device));
+  cache[device] = v;
+  return v;
+}
+
+// Co-resident clusters of the resident kernel for (threads, smem, vec, cluster), cached like
+// cached_blocks_per_sm.
+template <typename F>
+int cached_max_clusters(const void* key, int threads, size_t smem, int vec, int cluster, int device, F&& prepare) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, size_t, int, int, int>, int> cache;
+  const auto k = std::make_tuple(key, threads, smem, vec, cluster, device);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(k);
+    if (it != cache.end()) return it->second;
+  }
+  int mc = 0;
+  C10_CUDA_CHECK(static_cast<cudaError_t>(prepare(threads, smem, vec, cluster, &mc)));
+  std::lock_guard<std::mutex> lock(mu);
+  cache[k] = mc;
+  return mc;
+}
+
+// Cluster size of the resident forward (0: the shape does not fit; the caller keeps the
+// persistent launch). Smallest power of two whose per-block slices leave room for two blocks per
+// SM, else the smallest that fits at all; clusters above 1 need sm_90. CMPE_SE_CUDA_CLUSTER
+// forces one size (an error if it cannot run).
+template <typename F>
+int choose_cluster(const Geometry& g, const Launch& l, int elem, int acc, int device, const void* key, F&& prepare,
+                   bool backward = false) {
+  const EnvConfig& cfg = env_config();
+  const size_t optin = smem_optin(device);
+  const int major = cc_major(device);
+  const int outer = resident_outer(g);
+  auto usable = [&](int cl, size_t limit) {
+    if (cl > 1 && (major < 9 || cl > outer)) return false;
+    const size_t need = resident_plan(g, acc, elem, l.threads, l.vec, cl, backward).total;
+    if (need + 1024 > limit) return false;  // 1 KB for the kernel's static shared memory
+    return cached_max_clusters(key, l.threads, need, l.vec, cl, device, prepare) >= 1;
+  };
+  if (cfg.cluster > 0) {
+    TORCH_CHECK(usable(cfg.cluster, optin), "cmpe_se (CUDA): CMPE_SE_CUDA_CLUSTER=", cfg.cluster,
+                " cannot run this shape (N=", g.N, ", C=", g.C, ", P=", g.P, "): the slices need ",
+                resident_plan(g, acc, elem, l.threads, l.vec, cfg.cluster, backward).total,
+                " bytes of shared memory per block (device limit ", optin, ", sm_", major, "x)");
+    return cfg.cluster;
+  }
+  for (const size_t limit : {optin / 2, optin})
+    for (int cl = 1; cl <= 16; cl *= 2)
+      if (usable(cl, limit)) return cl;
+  return 0;
 }
 
 // ---- argument checks ---------------------------------------------------------------------
@@ -234,6 +306,7 @@ Launch make_launch(Geometry& g, bool backward, int elem, int acc, std::initializ
   l.blocks = (int)std::max<long long>(1, std::min<long long>(grid, std::max<long long>(stream_blocks, g.N)));
   l.cooperative = cfg.coop;
   l.per_sample = false;
+  l.cluster = 0;
   if (cfg.per_sample && independent && !backward) {  // one block owns whole samples
     l.per_sample = true;
     l.splits = 1;
@@ -338,6 +411,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
     l = make_launch(g, false, elem, accb, {uc.data_ptr(), xc.data_ptr(), y.data_ptr()}, device,
                     reinterpret_cast<const void*>(&forward_prepare<scalar_t>), !(pair && training),
                     [](int t, size_t s, int v, int* b) { return forward_prepare<scalar_t>(t, s, v, b); });
+    if (env_config().resident && !(pair && training)) {
+      const int cl = choose_cluster(g, l, elem, accb, device, reinterpret_cast<const void*>(&resident_prepare<scalar_t>),
+                                    [](int t, size_t s, int v, int c, int* m) {
+                                      return resident_prepare<scalar_t>(t, s, v, c, m);
+                                    });
+      if (cl > 0) {  // else the persistent launch above (docs/CUDA.md)
+        l.cluster = cl;
+        l.smem = resident_plan(g, accb, elem, l.threads, l.vec, cl).total;
+        l.splits = 1;
+        l.blocks = 1;  // workspace sizing only: the resident kernel uses no squeeze slots or moments
+        l.cooperative = false;
+      }
+    }
   });
   uintptr_t off = 256;
   const uintptr_t o_part = carve(off, (size_t)2 * g.N * l.splits * g.C * accb);
@@ -446,6 +532,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
     l = make_launch(g, true, elem, accb, {uc.data_ptr(), dyc.data_ptr(), grad_u.data_ptr(), grad_x.data_ptr()},
                     device, reinterpret_cast<const void*>(&backward_prepare<scalar_t>), false,
                     [](int t, size_t s, int v, int* b) { return backward_prepare<scalar_t>(t, s, v, b); });
+    if (env_config().resident && (mode == Mode::SE || mode == Mode::DOUBLE_FC)) {
+      const int cl = choose_cluster(g, l, elem, accb, device,
+                                    reinterpret_cast<const void*>(&resident_backward_prepare<scalar_t>),
+                                    [](int t, size_t s, int v, int c, int* m) {
+                                      return resident_backward_prepare<scalar_t>(t, s, v, c, m);
+                                    }, true);
+      if (cl > 0) {  // else the persistent launch above (docs/CUDA.md)
+        l.cluster = cl;
+        l.smem = resident_plan(g, accb, elem, l.threads, l.vec, cl, true).total;
+        l.splits = 1;
+        l.blocks = 1;  // workspace sizing only
+        l.cooperative = false;
+      }
+    }
   });
   uintptr_t off = 256;
   const size_t NC = (size_t)g.N * g.C;

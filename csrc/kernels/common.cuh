@@ -15,6 +15,21 @@
 #define CMPE_SE_SHARED_VAR(type, name) __shared__ type name
 #endif
 
+// Thread-block clusters (sm_90+): barrier over the blocks of this block's cluster (release /
+// acquire at cluster scope) and the address of the same shared-memory object in block `rank` of
+// the cluster (distributed shared memory). Below sm_90 the resident kernel is never launched
+// with clusters (the launcher uses cluster size 1, where neither macro is reached).
+#ifndef CMPE_SE_CLUSTER_SYNC
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#include <cooperative_groups.h>
+#define CMPE_SE_CLUSTER_SYNC() cooperative_groups::this_cluster().sync()
+#define CMPE_SE_CLUSTER_MAP(ptr, rank) cooperative_groups::this_cluster().map_shared_rank((ptr), (rank))
+#else
+#define CMPE_SE_CLUSTER_SYNC() __trap()
+#define CMPE_SE_CLUSTER_MAP(ptr, rank) (__trap(), (ptr))
+#endif
+#endif
+
 namespace cmpe_se {
 
 // ---- dtypes --------------------------------------------------------------------------------

@@ -98,15 +98,15 @@ __device__ void fwd_stats_eval(const ForwardParams& p) {
   }
 }
 
-// Phase B for one sample: relation vector z, hidden, gate.
+// Phase B for one sample, pools already staged in sm.su / sm.sx (and the filter table in pair
+// modes): relation vector z, hidden, gate. write_out: store hidden and gate to the saved outputs;
+// sgate (may be null): also keep the gate in shared memory.
 template <int MODE, typename T>
-__device__ void fwd_excite(const ForwardParams& p, const FwdWork<T>& w, int S, int n, const Smem<acc_t<T>>& sm) {
+__device__ void fwd_excite_staged(const ForwardParams& p, int n, const Smem<acc_t<T>>& sm, bool write_out,
+                                  acc_t<T>* sgate) {
   using A = acc_t<T>;
   const Geometry& g = p.g;
   constexpr bool kPair = MODE >= (int)Mode::PAIR_2X1;
-  const bool need_x = kPair || MODE == (int)Mode::DOUBLE_FC;
-  fwd_stage_pools<T>(p, w, S, n, sm, need_x, true);
-  __syncthreads();
   const A* z = sm.su;
   if constexpr (kPair) {
     for (int l = threadIdx.x; l < g.L; l += blockDim.x) sm.sz[l] = averaged_map<MODE, false, A>(g, sm, l);
@@ -117,7 +117,7 @@ __device__ void fwd_excite(const ForwardParams& p, const FwdWork<T>& w, int S, i
   auto put_h = [&](int o, A s) {
     s = s < A(0) ? A(0) : s;  // relu; NaN propagates, as torch.relu
     sm.sh[o] = s;
-    hidden[o] = s;
+    if (write_out) hidden[o] = s;
   };
   const A* W1 = static_cast<const A*>(p.fc1_w);
   warp_dots(W1, g.Dz, 1, z, g.Dz, g.r, put_h);
@@ -127,9 +127,22 @@ __device__ void fwd_excite(const ForwardParams& p, const FwdWork<T>& w, int S, i
   }
   __syncthreads();
   A* gate = static_cast<A*>(p.gate) + (long long)n * g.C;
-  thread_dots(static_cast<const A*>(p.fc2_w), g.Rh, 1, sm.sh, g.Rh, g.C,
-              [&](int o, A s) { gate[o] = sigmoid_acc(s); });
+  thread_dots(static_cast<const A*>(p.fc2_w), g.Rh, 1, sm.sh, g.Rh, g.C, [&](int o, A s) {
+    const A v = sigmoid_acc(s);
+    if (write_out) gate[o] = v;
+    if (sgate) sgate[o] = v;
+  });
   __syncthreads();
+}
+
+// Phase B for one sample from the squeeze partials: pools (saved), then fwd_excite_staged.
+template <int MODE, typename T>
+__device__ void fwd_excite(const ForwardParams& p, const FwdWork<T>& w, int S, int n, const Smem<acc_t<T>>& sm) {
+  constexpr bool kPair = MODE >= (int)Mode::PAIR_2X1;
+  const bool need_x = kPair || MODE == (int)Mode::DOUBLE_FC;
+  fwd_stage_pools<T>(p, w, S, n, sm, need_x, true);
+  __syncthreads();
+  fwd_excite_staged<MODE, T>(p, n, sm, true, nullptr);
 }
 
 template <int MODE, typename T, int V>
