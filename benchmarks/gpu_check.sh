@@ -3,14 +3,17 @@
 #
 #   benchmarks/gpu_check.sh RESULTS_DIR
 #
-# Writes at most 8 files into RESULTS_DIR: env.json, ptxas.txt, pytest.log, sanitizer.log,
-# bench.json, bench.md, bench.png, summary.txt (printed last). Every step has a time cap taken
-# from one overall budget (GPU_CHECK_BUDGET_S, default 470 s), a failing step does not stop the
-# ones after it, and summary.txt records each step's status. Scratch files (the full build log,
-# the benchmark console) live in a temporary folder and are not returned.
+# Writes at most 11 files into RESULTS_DIR: env.json, ptxas.txt, bench.json, bench.md, bench.png
+# (the `targets` preset: the rows the GPU issues name, run right after the build), pytest.log,
+# sanitizer.log, gpu/bench.{json,md,png} (the broad `gpu` preset with the time left) and
+# summary.txt (printed last). Every step has a time cap taken from one overall budget
+# (GPU_CHECK_BUDGET_S, default 470 s), a failing step does not stop the ones after it, and
+# summary.txt records each step's status. Scratch files (the full build log, the benchmark
+# consoles) live in a temporary folder and are not returned.
 #
 # Switches (local dry runs): GPU_CHECK_PYTHON=/path/python, GPU_CHECK_SKIP_BUILD=1, GPU_CHECK_SKIP_PYTEST=1,
-# GPU_CHECK_SKIP_SANITIZER=1, GPU_CHECK_BENCH_ARGS="--preset gpu" (the bench arguments),
+# GPU_CHECK_SKIP_SANITIZER=1, GPU_CHECK_TARGETS_ARGS="--preset targets", GPU_CHECK_BENCH_ARGS="--preset gpu"
+# (the two bench runs' arguments; GPU_CHECK_SKIP_TARGETS=1 / GPU_CHECK_SKIP_BENCH=1 skip them),
 # CMPE_SE_COMMIT=<sha> (recorded when the tree has no .git).
 set -u
 
@@ -24,8 +27,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
-BENCH_MIN=${GPU_CHECK_BENCH_MIN_S:-160}       # reserved for the benchmark
-SANITIZER_MIN=${GPU_CHECK_SANITIZER_MIN_S:-50}  # reserved for compute-sanitizer
+BENCH_MIN=${GPU_CHECK_BENCH_MIN_S:-160}       # reserved for the benchmarks (targets, then gpu)
+TARGETS_T=${GPU_CHECK_TARGETS_S:-130}          # cap of the targets benchmark
+SANITIZER_MIN=${GPU_CHECK_SANITIZER_MIN_S:-70}  # reserved for compute-sanitizer (4 runs)
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 STEPS="$SCRATCH/steps.txt"
 : > "$STEPS"
@@ -153,16 +157,28 @@ else  # e.g. an abort while loading the extensions: keep the first error line
     record extensions "FAIL($EXT_RC)" 0 "import cmpe_se_fused.ops: $(echo "$EXT_OUT" | grep -m1 -E 'Error|error|Mismatch|what' | cut -c1-240)"
 fi
 
-# ---- 3. GPU tests ---------------------------------------------------------------------------
+# ---- 3. the targets benchmark (the issues' rows, before anything can eat the budget) ---------
+if [ "${GPU_CHECK_SKIP_TARGETS:-0}" = 1 ]; then
+    record targets SKIP 0 "GPU_CHECK_SKIP_TARGETS=1"
+else
+    T_CAP=$(cap "$TARGETS_T" $((SANITIZER_MIN + 60)))
+    # shellcheck disable=SC2086  # GPU_CHECK_TARGETS_ARGS is a word list on purpose
+    step targets "$T_CAP" "$SCRATCH/targets.log" \
+        "$PY" -m cmpe_se_fused.bench ${GPU_CHECK_TARGETS_ARGS:---preset targets} --out "$OUT" --budget-s $(( T_CAP - 25 ))
+    done_step targets "--preset targets; $(grep -c '"status": "ok"' "$OUT/bench.json" 2>/dev/null) ok rows"
+    rm -f "$OUT"/*.tmp
+fi
+
+# ---- 4. GPU tests ---------------------------------------------------------------------------
 if [ "${GPU_CHECK_SKIP_PYTEST:-0}" = 1 ]; then
     record pytest SKIP 0 "GPU_CHECK_SKIP_PYTEST=1"; echo "skipped" > "$OUT/pytest.log"
 else
-    step pytest "$(cap 240 $((BENCH_MIN + SANITIZER_MIN + 10)))" "$OUT/pytest.log" \
+    step pytest "$(cap 240 $((SANITIZER_MIN + 40)))" "$OUT/pytest.log" \
         "$PY" -m pytest -m cuda --maxfail=25 -q -p no:cacheprovider tests
     done_step pytest "$(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/pytest.log" | tail -1 | tr -d '=' | sed 's/^ *//')"
 fi
 
-# ---- 4. compute-sanitizer memcheck + racecheck ----------------------------------------------
+# ---- 5. compute-sanitizer memcheck + racecheck ----------------------------------------------
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || echo "")
 SAN_LOG="$OUT/sanitizer.log"
 if [ "${GPU_CHECK_SKIP_SANITIZER:-0}" = 1 ]; then
@@ -181,21 +197,27 @@ else
         CUDA_PATH_ENV="CMPE_SE_CUDA_PATH=persistent"
         case "$run" in *-res) CUDA_PATH_ENV="CMPE_SE_CUDA_PATH=resident"; SAN_ARGS="--quick" ;; esac
         # shellcheck disable=SC2086  # SAN_ARGS is empty or one word
-        step "$run" "$(cap 90 $((BENCH_MIN + 5)))" "$SAN_LOG" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$CUDA_PATH_ENV" \
+        step "$run" "$(cap 90 30)" "$SAN_LOG" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$CUDA_PATH_ENV" \
             "$SAN" --tool "$tool" --error-exitcode 99 --print-limit 50 "$PY" benchmarks/cuda_sanitize.py $SAN_ARGS
         done_step "$run" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$SAN_LOG" | tail -1 | sed 's/^=* *//')"
     done
 fi
 
-# ---- 5. benchmark ---------------------------------------------------------------------------
+# ---- 6. the broad benchmark with the time left ------------------------------------------------
 BENCH_T=$(cap 400 10)
 BENCH_BUDGET=$(( BENCH_T - 30 ))
-[ "$BENCH_BUDGET" -lt 20 ] && BENCH_BUDGET=20
-# shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a word list on purpose
-step bench "$BENCH_T" "$SCRATCH/bench.log" \
-    "$PY" -m cmpe_se_fused.bench ${GPU_CHECK_BENCH_ARGS:---preset gpu} --out "$OUT" --budget-s "$BENCH_BUDGET"
-done_step bench "--budget-s ${BENCH_BUDGET}; $(grep -c '"status": "ok"' "$OUT/bench.json" 2>/dev/null) ok rows"
-rm -f "$OUT"/*.tmp
+if [ "${GPU_CHECK_SKIP_BENCH:-0}" = 1 ]; then
+    record bench SKIP 0 "GPU_CHECK_SKIP_BENCH=1"
+elif [ "$BENCH_BUDGET" -lt 30 ]; then
+    record bench SKIP 0 "only ${BENCH_T}s left of the budget"
+else
+    mkdir -p "$OUT/gpu"
+    # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a word list on purpose
+    step bench "$BENCH_T" "$SCRATCH/bench.log" \
+        "$PY" -m cmpe_se_fused.bench ${GPU_CHECK_BENCH_ARGS:---preset gpu} --out "$OUT/gpu" --budget-s "$BENCH_BUDGET"
+    done_step bench "gpu/; --budget-s ${BENCH_BUDGET}; $(grep -c '"status": "ok"' "$OUT/gpu/bench.json" 2>/dev/null) ok rows"
+    rm -f "$OUT"/gpu/*.tmp
+fi
 
 # ---- 6. summary -----------------------------------------------------------------------------
 {
@@ -206,17 +228,22 @@ rm -f "$OUT"/*.tmp
     echo "step         status      time   note"
     cat "$STEPS"
     echo
-    if [ -f "$OUT/bench.md" ]; then
-        awk '/^## /{p = ($0 ~ /^## (Summary|Launch variants|End to end)/)} p' "$OUT/bench.md"
-        grep -E "^- (MISMATCH|run interrupted|layer .* error|e2e .* error)" "$OUT/bench.md" | head -20
-    else
-        echo "no bench.md; bench console tail:"
-        tail -n 30 "$SCRATCH/bench.log"
+    for md in "$OUT/bench.md" "$OUT/gpu/bench.md"; do
+        if [ -f "$md" ]; then
+            echo "### ${md#"$OUT"/}"
+            awk '/^## /{p = ($0 ~ /^## (Summary|Launch variants|End to end)/)} p' "$md"
+            grep -E "^- (MISMATCH|run interrupted|layer .* error|e2e .* error)" "$md" | head -20
+        fi
+    done
+    if [ ! -f "$OUT/bench.md" ] && [ -f "$SCRATCH/targets.log" ]; then
+        echo "no bench.md; targets console tail:"
+        tail -n 30 "$SCRATCH/targets.log"
     fi
     if grep -q "FAIL\|TIMEOUT" "$STEPS"; then
         echo
         echo "failed step logs (tails):"
         grep -q "^build .*FAIL" "$STEPS" && { echo "--- build"; tail -n 20 "$BUILD_LOG"; }
+        grep -q "^targets .*FAIL" "$STEPS" && { echo "--- targets"; tail -n 20 "$SCRATCH/targets.log"; }
         grep -q "^bench .*FAIL" "$STEPS" && { echo "--- bench"; tail -n 20 "$SCRATCH/bench.log"; }
         grep -q "^env .*FAIL" "$STEPS" && { echo "--- env"; tail -n 10 "$SCRATCH/env.log"; }
     fi

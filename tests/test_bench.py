@@ -12,6 +12,7 @@ import torch
 
 from cmpe_se_fused.bench import __main__ as cli
 from cmpe_se_fused.bench import config, e2e, metrics, report
+from cmpe_se_fused.bench import providers as bench_providers
 from cmpe_se_fused.bench.config import Case, Shape
 from cmpe_se_fused.bench.runner import Options, Runner
 from cmpe_se_fused.dispatch import BACKENDS
@@ -231,6 +232,22 @@ def test_presets_follow_the_paper_configs():
     gpu = config.PRESETS["gpu"]
     cases = config.make_cases(gpu.shapes, gpu.modes, gpu.dtypes["cuda"], gpu.layouts, gpu.phases)
     assert len(cases) == 6 * 2 * 2 * 2 * 2 and all(s.n == 128 for s in gpu.shapes)
+
+
+def test_targets_preset_is_the_issue_targets_in_priority_order():
+    """The preset gpu_check.sh runs first: the shapes, modes and dtypes the GPU issues name, eval
+    before train, and its CUDA providers are known names (the resident variant included)."""
+    t = config.PRESETS["targets"]
+    assert [(s.net, s.stage, s.n, s.c, s.h) for s in t.shapes] == [("wrn28-10", "s1", 128, 160, 32),
+                                                                   ("resnet164", "s3", 128, 256, 8)]
+    cases = config.make_cases(t.shapes, t.modes, t.dtypes["cuda"], t.layouts, t.phases)
+    assert len(cases) == 2 * 2 * 2 * 2 and [c.phase for c in cases[:8]] == ["eval"] * 8
+    assert {c.dtype for c in cases} == {"fp32", "bf16"} and {c.mode for c in cases} == {"se", "folded_3x3"}
+    for name in t.providers:
+        bench_providers.check_provider_name(name)
+    assert "cuda@resident" in t.providers
+    wrn, r164 = cases[0], cases[1]
+    assert config.limit_reason(t, "compile", wrn) is None and config.limit_reason(t, "compile", r164)
 
 
 def test_gpu_check_script_syntax_and_usage():

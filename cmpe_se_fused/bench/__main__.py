@@ -74,7 +74,9 @@ def options_from_args(args, argv=None) -> Options:
     phases = ("train",) if args.train and not args.eval else ("eval",) if args.eval and not args.train \
         else preset.phases
     passes = parse_list(args.passes, PASSES, "passes", preset.passes)
-    if args.providers in (None, "all"):
+    if args.providers is None and preset.providers and device.type == "cuda":
+        providers = preset.providers
+    elif args.providers in (None, "all"):
         providers = default_providers(device, with_variants=preset.name == "gpu" or args.providers == "all")
     else:
         providers = tuple(dict.fromkeys(t.strip() for t in args.providers.split(",") if t.strip()))
@@ -94,7 +96,7 @@ def options_from_args(args, argv=None) -> Options:
         e2e_batch=args.e2e_batch or (128 if device.type == "cuda" else 8), graphs=args.graphs,
         graph_threshold_us=args.graph_threshold_us,
         budget_s=args.budget_s if args.budget_s is not None else preset.budget_s,
-        quick_timing=preset.name in ("quick", "gpu"), plot=args.plot, compare=compare,
+        quick_timing=preset.name in ("quick", "gpu", "targets"), plot=args.plot, compare=compare,
         compare_path=args.compare, threshold=args.threshold, compile_all=args.compile_all,
         argv=list(argv if argv is not None else sys.argv[1:]), as_variant=args.as_variant,
         copy_gbps=args.copy_gbps)
