@@ -41,12 +41,30 @@ struct ResidentSmem {
         x(reinterpret_cast<T*>(base + r.x)) {}
 };
 
+// Vectors i = threadIdx.x, +blockDim.x, ... < nvec of a slice made of rows of `per_row` vectors:
+// f(i, row, col) with row = i / per_row, col = i % per_row tracked incrementally (no integer
+// division per vector; slices are far below 2^31 elements, so 32-bit indices).
+template <typename F>
+__device__ __forceinline__ void for_each_vector(int nvec, int per_row, F&& f) {
+  const int bd = blockDim.x, dq = bd / per_row, dr = bd - (bd / per_row) * per_row;
+  int row = threadIdx.x / per_row, col = threadIdx.x - (threadIdx.x / per_row) * per_row;
+  for (int i = threadIdx.x; i < nvec; i += bd) {
+    f(i, row, col);
+    row += dq;
+    col += dr;
+    if (col >= per_row) {
+      col -= per_row;
+      ++row;
+    }
+  }
+}
+
 // Phase 1: copy `nvec` vectors of V elements from a, b (global) to sa, sb (shared), kUnroll
 // independent 16-byte loads of each in flight per thread.
 template <typename T, int V>
-__device__ __forceinline__ void resident_load(const T* a, const T* b, T* sa, T* sb, long long nvec) {
-  const long long bd = blockDim.x;
-  long long i = threadIdx.x;
+__device__ __forceinline__ void resident_load(const T* a, const T* b, T* sa, T* sb, int nvec) {
+  const int bd = blockDim.x;
+  int i = threadIdx.x;
   for (; i + bd * (kUnroll - 1) < nvec; i += bd * kUnroll) {
     Vec<T, V> va[kUnroll], vb[kUnroll];
 #pragma unroll
@@ -76,13 +94,13 @@ __device__ void resident_partial_nchw(const T* su, const T* sx, int rows, int P,
   const int lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   const int nv = P / V;
   for (int row = threadIdx.x >> 5; row < rows; row += nwarps) {
-    const T* ru = su + (long long)row * P;
-    const T* rx = sx + (long long)row * P;
+    const T* ru = su + row * P;
+    const T* rx = sx + row * P;
     A s0 = A(0), s1 = A(0);
     for (int i = lane; i < nv; i += 32) {
       A va[V], vb[V];
-      load_vec<T, V>(ru + (long long)i * V, va);
-      load_vec<T, V>(rx + (long long)i * V, vb);
+      load_vec<T, V>(ru + i * V, va);
+      load_vec<T, V>(rx + i * V, vb);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         if (DOT) {
@@ -123,8 +141,8 @@ __device__ void resident_partial_cl(const T* su, const T* sx, int pix, int C, ac
     if (py < PY && vc < nvc) {
       for (int p = py; p < pix; p += PY) {
         A va[V], vb[V];
-        load_vec<T, V>(su + (long long)p * C + (long long)vc * V, va);
-        load_vec<T, V>(sx + (long long)p * C + (long long)vc * V, vb);
+        load_vec<T, V>(su + p * C + vc * V, va);
+        load_vec<T, V>(sx + p * C + vc * V, vb);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           if (DOT) {
@@ -161,21 +179,21 @@ __device__ void resident_partial_cl(const T* su, const T* sx, int pix, int C, ac
 }
 
 // Phase 4: o[i] = gate[c(i)] * a[i] + b[i] over `nvec` vectors of the slice (a, b in shared
-// memory, o in global). NCHW: c(i) = c0 + i*V / P (V divides P); channels_last: the V channels
-// (i*V) % C .. + V - 1 (V divides C).
+// memory, o in global). NCHW: rows of P/V vectors, c = c0 + row (V divides P); channels_last:
+// rows of C/V vectors, channels col*V .. col*V + V - 1 (V divides C).
 template <typename T, int V>
 __device__ void resident_apply(const Geometry& g, const T* sa, const T* sb, T* o, const acc_t<T>* gate, int c0,
-                               long long nvec) {
+                               int nvec) {
   using A = acc_t<T>;
-  for (long long i = threadIdx.x; i < nvec; i += blockDim.x) {
-    const long long off = i * V;
+  const int per_row = g.channels_last ? g.C / V : g.P / V;
+  for_each_vector(nvec, per_row, [&](int i, int row, int col) {
+    const int off = i * V;
     A k[V];
     if (g.channels_last) {
-      const int c = (int)(off % g.C);
 #pragma unroll
-      for (int j = 0; j < V; ++j) k[j] = gate[c + j];
+      for (int j = 0; j < V; ++j) k[j] = gate[col * V + j];
     } else {
-      const A kk = gate[c0 + (int)(off / g.P)];
+      const A kk = gate[c0 + row];
 #pragma unroll
       for (int j = 0; j < V; ++j) k[j] = kk;
     }
@@ -185,7 +203,7 @@ __device__ void resident_apply(const Geometry& g, const T* sa, const T* sb, T* o
 #pragma unroll
     for (int j = 0; j < V; ++j) r[j] = k[j] * va[j] + vb[j];
     store_vec<T, V>(o + off, r);
-  }
+  });
 }
 
 template <int MODE, typename T, int V>
@@ -201,7 +219,7 @@ __device__ void resident_body(const ForwardParams& p, const Launch& l, const Sme
   const int per = resident_per_block(g, CL);
   const int o0 = min(outer, rank * per), o1 = min(outer, o0 + per);
   const long long base = (long long)n * g.C * g.P + (long long)o0 * inner;
-  const long long nvec = (long long)(o1 - o0) * inner / V;
+  const int nvec = (o1 - o0) * inner / V;  // a slice fits in shared memory: far below 2^31
   const T* u = static_cast<const T*>(p.u) + base;
   const T* x = static_cast<const T*>(p.x) + base;
   T* y = static_cast<T*>(p.y) + base;

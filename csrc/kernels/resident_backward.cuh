@@ -36,7 +36,7 @@ __device__ void resident_backward_body(const BackwardParams& p, const Launch& l,
   const int per = resident_per_block(g, CL);
   const int o0 = min(outer, rank * per), o1 = min(outer, o0 + per);
   const long long base = (long long)n * g.C * g.P + (long long)o0 * inner;
-  const long long nvec = (long long)(o1 - o0) * inner / V;
+  const int nvec = (o1 - o0) * inner / V;  // a slice fits in shared memory: far below 2^31
   const T* dy = static_cast<const T*>(p.dy) + base;
   const T* u = static_cast<const T*>(p.u) + base;
   T* du_out = static_cast<T*>(p.du_out) + base;
@@ -90,11 +90,12 @@ __device__ void resident_backward_body(const BackwardParams& p, const Launch& l,
   __syncthreads();
 
   // apply: dU = s dY + du/P, dX = dY + dx/P (se: dx = 0)
-  for (long long i = threadIdx.x; i < nvec; i += blockDim.x) {
-    const long long off = i * V;
+  const int per_row = g.channels_last ? g.C / V : g.P / V;
+  for_each_vector(nvec, per_row, [&](int i, int row, int col) {
+    const int off = i * V;
     A k0[V], k1[V], k2[V];
     if (g.channels_last) {
-      const int c = (int)(off % g.C);
+      const int c = col * V;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         k0[j] = rs.gate[c + j];
@@ -102,7 +103,7 @@ __device__ void resident_backward_body(const BackwardParams& p, const Launch& l,
         k2[j] = MODE == (int)Mode::DOUBLE_FC ? sm.sx[c + j] : A(0);
       }
     } else {
-      const int c = o0 + (int)(off / g.P);
+      const int c = o0 + row;
       const A a0 = rs.gate[c], a1 = sm.su[c], a2 = MODE == (int)Mode::DOUBLE_FC ? sm.sx[c] : A(0);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
@@ -120,7 +121,7 @@ __device__ void resident_backward_body(const BackwardParams& p, const Launch& l,
     }
     store_vec<T, V>(du_out + off, r0);
     store_vec<T, V>(dx_out + off, r1);
-  }
+  });
   if (CL > 1) CMPE_SE_CLUSTER_SYNC();  // the other blocks have read this block's partials
 }
 
