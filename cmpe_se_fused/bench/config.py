@@ -122,11 +122,11 @@ def _preset_table() -> dict:
                e2e_modes=("folded_3x3",), e2e_dtypes=("fp32", "bf16"), budget_s=200.0),
         Preset("targets", "the GPU targets of issues 4-6 first (gpu_check.sh, ~2 min): WRN-28-10 stage 1 and "
                "ResNet-164 stage 3 at N=128, se and folded_3x3, fp32+bf16, NCHW, eval then train, every pass; "
-               "providers eager, compile (WRN stage 1), triton, cuda, cuda@resident",
+               "providers eager, compile (WRN stage 1), triton, cuda, cuda@resident(_c8)",
                [_wrn28_10()[0], _resnet164()[2]], layouts=("nchw",), phases=("eval", "train"),
                dtypes={"cpu": ("fp32",), "cuda": ("fp32", "bf16")}, e2e=False, budget_s=120.0,
                limits={"compile": {"stage": ("s1",)}},
-               providers=("eager", "compile", "triton", "cuda", "cuda@resident")),
+               providers=("eager", "compile", "triton", "cuda", "cuda@resident", "cuda@resident_c8")),
         Preset("wrn28-10", "WRN-28-10 stages 1-3 at N=128 (C=160/320/640, m=C/10, e=C/16)", _wrn28_10()),
         Preset("resnet164", "pre-act ResNet-164 stages at N=128 (C=64/128/256, m=16, e=C/64)", _resnet164()),
         Preset("resnet50", "pre-act ResNet-50 stages at N=64 and N=256 (C=256..2048, m=16, e=C/64)", _resnet50()),

@@ -30,6 +30,7 @@ DEFAULT_VARIANTS: dict[str, dict] = {
     "cuda@t512": {"CMPE_SE_CUDA_THREADS": "512"},
     # forward paths without grid barriers (se, double_fc, eval pair modes; others keep the default)
     "cuda@resident": {"CMPE_SE_CUDA_PATH": "resident"},
+    "cuda@resident_c8": {"CMPE_SE_CUDA_PATH": "resident", "CMPE_SE_CUDA_CLUSTER": "8"},  # 1 block/SM, portable
     "cuda@per_sample": {"CMPE_SE_CUDA_PATH": "per_sample"},
 }
 VARIANTS: dict[str, dict] = dict(DEFAULT_VARIANTS)
