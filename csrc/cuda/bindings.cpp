@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <map>
+#include <utility>
 #include <mutex>
 #include <string>
 #include <string_view>
@@ -69,28 +70,25 @@ const EnvConfig& env_config() {
   return cfg;
 }
 
-int sm_count(int device) {
+// A device attribute, cached per (attribute, device): no driver call after the first (CUDA-graph
+// capture after warm-up).
+int device_attribute(cudaDeviceAttr attr, int device) {
   static std::mutex mu;
-  static std::map<int, int> cache;
+  static std::map<std::pair<int, int>, int> cache;
   std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(device);
+  const auto key = std::make_pair((int)attr, device);
+  auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
-  cache[device] = v;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, device));
+  cache[key] = v;
   return v;
 }
 
+int sm_count(int device) { return device_attribute(cudaDevAttrMultiProcessorCount, device); }
+
 size_t smem_optin(int device) {
-  static std::mutex mu;
-  static std::map<int, size_t> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(device);
-  if (it != cache.end()) return it->second;
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  cache[device] = (size_t)v;
-  return (size_t)v;
+  return (size_t)device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
 }
 
 // Blocks per SM of one kernel variant, cached: the attribute and occupancy calls are made once
@@ -112,17 +110,7 @@ int cached_blocks_per_sm(const void* key, int threads, size_t smem, int vec, int
   return bps;
 }
 
-int cc_major(int device) {
-  static std::mutex mu;
-  static std::map<int, int> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(device);
-  if (it != cache.end()) return it->second;
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, device));
-  cache[device] = v;
-  return v;
-}
+int cc_major(int device) { return device_attribute(cudaDevAttrComputeCapabilityMajor, device); }
 
 // Co-resident clusters of the resident kernel for (threads, smem, vec, cluster), cached like
 // cached_blocks_per_sm.

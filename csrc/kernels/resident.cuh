@@ -29,6 +29,46 @@
 
 namespace cmpe_se {
 
+// This block's place in the resident grid: sample n, rank in its cluster of CL blocks, its slice
+// [o0, o1) of the split axis (rows of `inner` elements: resident_outer / resident_inner), which
+// starts at element `base` of the full-size tensors and holds nvec vectors of V elements.
+struct ResidentSlice {
+  int CL, n, rank, per, o0, o1, nvec;
+  long long base;
+  template <int V>
+  __device__ static ResidentSlice make(const Geometry& g, int cluster) {
+    ResidentSlice s;
+    s.CL = cluster;
+    s.n = blockIdx.x / cluster;
+    s.rank = blockIdx.x - s.n * cluster;
+    const int outer = resident_outer(g), inner = resident_inner(g);
+    s.per = resident_per_block(g, cluster);
+    s.o0 = min(outer, s.rank * s.per);
+    s.o1 = min(outer, s.o0 + s.per);
+    s.base = (long long)s.n * g.C * g.P + (long long)s.o0 * inner;
+    s.nvec = (s.o1 - s.o0) * inner / V;  // a slice fits in shared memory: far below 2^31
+    return s;
+  }
+  // Channel c's total of the per-block partials `part` (this block's shared array; the same
+  // array in the other blocks through distributed shared memory): NCHW from the block that owns
+  // the channel, channels_last summed over the ranks in rank order. After a cluster barrier.
+  template <typename A>
+  __device__ A gather(const Geometry& g, A* part, int c) const {
+    if (CL == 1) return part[c];
+    if (!g.channels_last) return *CMPE_SE_CLUSTER_MAP(part + c, c / per);
+    A s = A(0);
+    for (int r = 0; r < CL; ++r) s += *CMPE_SE_CLUSTER_MAP(part + c, r);
+    return s;
+  }
+  // Barrier after the partials are written: the cluster's, or the block's when CL == 1.
+  __device__ void sync() const {
+    if (CL > 1)
+      CMPE_SE_CLUSTER_SYNC();
+    else
+      __syncthreads();
+  }
+};
+
 template <typename A, typename T>
 struct ResidentSmem {
   A *pu, *px, *gate;
@@ -213,48 +253,26 @@ __device__ void resident_body(const ForwardParams& p, const Launch& l, const Sme
   constexpr bool kPair = MODE >= (int)Mode::PAIR_2X1;
   constexpr bool kNeedX = kPair || MODE == (int)Mode::DOUBLE_FC;
   const Geometry& g = p.g;
-  const int CL = l.cluster;
-  const int n = blockIdx.x / CL, rank = blockIdx.x - (blockIdx.x / CL) * CL;
-  const int outer = resident_outer(g), inner = resident_inner(g);
-  const int per = resident_per_block(g, CL);
-  const int o0 = min(outer, rank * per), o1 = min(outer, o0 + per);
-  const long long base = (long long)n * g.C * g.P + (long long)o0 * inner;
-  const int nvec = (o1 - o0) * inner / V;  // a slice fits in shared memory: far below 2^31
-  const T* u = static_cast<const T*>(p.u) + base;
-  const T* x = static_cast<const T*>(p.x) + base;
-  T* y = static_cast<T*>(p.y) + base;
+  const ResidentSlice sl = ResidentSlice::make<V>(g, l.cluster);
+  const T* u = static_cast<const T*>(p.u) + sl.base;
+  const T* x = static_cast<const T*>(p.x) + sl.base;
+  T* y = static_cast<T*>(p.y) + sl.base;
+  const int n = sl.n, rank = sl.rank;
   if (kPair && blockIdx.x == 0) fwd_stats_eval<T>(p);  // the saved statistics (global only)
 
-  resident_load<T, V>(u, x, rs.u, rs.x, nvec);
+  resident_load<T, V>(u, x, rs.u, rs.x, sl.nvec);
   __syncthreads();
   if (g.channels_last)
-    resident_partial_cl<false, T, V>(rs.u, rs.x, o1 - o0, g.C, rs.pu, rs.px, reinterpret_cast<A*>(smem));
+    resident_partial_cl<false, T, V>(rs.u, rs.x, sl.o1 - sl.o0, g.C, rs.pu, rs.px, reinterpret_cast<A*>(smem));
   else
-    resident_partial_nchw<false, T, V>(rs.u, rs.x, o1 - o0, g.P, o0, rs.pu, rs.px);
-  if (CL > 1)
-    CMPE_SE_CLUSTER_SYNC();
-  else
-    __syncthreads();
+    resident_partial_nchw<false, T, V>(rs.u, rs.x, sl.o1 - sl.o0, g.P, sl.o0, rs.pu, rs.px);
+  sl.sync();
 
   A* pool_u = static_cast<A*>(p.pool_u) + (long long)n * g.C;
   A* pool_x = static_cast<A*>(p.pool_x) + (long long)n * g.C;
   for (int c = threadIdx.x; c < g.C; c += blockDim.x) {
-    A su = A(0), sx = A(0);
-    if (CL == 1) {
-      su = rs.pu[c];
-      sx = rs.px[c];
-    } else if (g.channels_last) {
-      for (int r = 0; r < CL; ++r) {
-        su += *CMPE_SE_CLUSTER_MAP(rs.pu + c, r);
-        sx += *CMPE_SE_CLUSTER_MAP(rs.px + c, r);
-      }
-    } else {
-      const int owner = c / per;
-      su = *CMPE_SE_CLUSTER_MAP(rs.pu + c, owner);
-      sx = *CMPE_SE_CLUSTER_MAP(rs.px + c, owner);
-    }
-    su = su / A(g.P);
-    sx = sx / A(g.P);
+    const A su = sl.gather(g, rs.pu, c) / A(g.P);
+    const A sx = sl.gather(g, rs.px, c) / A(g.P);
     sm.su[c] = su;
     if (kNeedX) sm.sx[c] = sx;  // sm.sx has no room in se mode (SmemPlan)
     if (rank == 0) {
@@ -268,8 +286,8 @@ __device__ void resident_body(const ForwardParams& p, const Launch& l, const Sme
   __syncthreads();
   fwd_excite_staged<MODE, T>(p, n, sm, rank == 0, rs.gate);  // ends with a block barrier
 
-  resident_apply<T, V>(g, rs.u, rs.x, y, rs.gate, o0, nvec);
-  if (CL > 1) CMPE_SE_CLUSTER_SYNC();  // the other blocks have read this block's partials
+  resident_apply<T, V>(g, rs.u, rs.x, y, rs.gate, sl.o0, sl.nvec);
+  if (sl.CL > 1) CMPE_SE_CLUSTER_SYNC();  // the other blocks have read this block's partials
 }
 
 template <typename T, int V>

@@ -30,42 +30,27 @@ __device__ void resident_backward_body(const BackwardParams& p, const Launch& l,
   using A = acc_t<T>;
   static_assert(MODE == (int)Mode::SE || MODE == (int)Mode::DOUBLE_FC, "resident backward: se, double_fc");
   const Geometry& g = p.g;
-  const int CL = l.cluster;
-  const int n = blockIdx.x / CL, rank = blockIdx.x - (blockIdx.x / CL) * CL;
-  const int outer = resident_outer(g), inner = resident_inner(g);
-  const int per = resident_per_block(g, CL);
-  const int o0 = min(outer, rank * per), o1 = min(outer, o0 + per);
-  const long long base = (long long)n * g.C * g.P + (long long)o0 * inner;
-  const int nvec = (o1 - o0) * inner / V;  // a slice fits in shared memory: far below 2^31
-  const T* dy = static_cast<const T*>(p.dy) + base;
-  const T* u = static_cast<const T*>(p.u) + base;
-  T* du_out = static_cast<T*>(p.du_out) + base;
-  T* dx_out = static_cast<T*>(p.dx_out) + base;
+  const ResidentSlice sl = ResidentSlice::make<V>(g, l.cluster);
+  const T* dy = static_cast<const T*>(p.dy) + sl.base;
+  const T* u = static_cast<const T*>(p.u) + sl.base;
+  T* du_out = static_cast<T*>(p.du_out) + sl.base;
+  T* dx_out = static_cast<T*>(p.dx_out) + sl.base;
   T* sdy = rs.u;  // slices: dY, then U
   T* su = rs.x;
+  const int n = sl.n, rank = sl.rank, o0 = sl.o0;
 
-  resident_load<T, V>(dy, u, sdy, su, nvec);
+  resident_load<T, V>(dy, u, sdy, su, sl.nvec);
   __syncthreads();
   if (g.channels_last)
-    resident_partial_cl<true, T, V>(sdy, su, o1 - o0, g.C, rs.pu, rs.px, reinterpret_cast<A*>(smem));
+    resident_partial_cl<true, T, V>(sdy, su, sl.o1 - o0, g.C, rs.pu, rs.px, reinterpret_cast<A*>(smem));
   else
-    resident_partial_nchw<true, T, V>(sdy, su, o1 - o0, g.P, o0, rs.pu, rs.px);
-  if (CL > 1)
-    CMPE_SE_CLUSTER_SYNC();
-  else
-    __syncthreads();
+    resident_partial_nchw<true, T, V>(sdy, su, sl.o1 - o0, g.P, o0, rs.pu, rs.px);
+  sl.sync();
 
   const A* gate = static_cast<const A*>(p.gate) + (long long)n * g.C;
   A* dg = static_cast<A*>(p.dg) + (long long)n * g.C;
   for (int c = threadIdx.x; c < g.C; c += blockDim.x) {
-    A G = A(0);
-    if (CL == 1) {
-      G = rs.pu[c];
-    } else if (g.channels_last) {
-      for (int r = 0; r < CL; ++r) G += *CMPE_SE_CLUSTER_MAP(rs.pu + c, r);
-    } else {
-      G = *CMPE_SE_CLUSTER_MAP(rs.pu + c, c / per);
-    }
+    const A G = sl.gather(g, rs.pu, c);
     const A sg = gate[c];
     const A d = G * sg * (A(1) - sg);
     rs.gate[c] = sg;
@@ -91,7 +76,7 @@ __device__ void resident_backward_body(const BackwardParams& p, const Launch& l,
 
   // apply: dU = s dY + du/P, dX = dY + dx/P (se: dx = 0)
   const int per_row = g.channels_last ? g.C / V : g.P / V;
-  for_each_vector(nvec, per_row, [&](int i, int row, int col) {
+  for_each_vector(sl.nvec, per_row, [&](int i, int row, int col) {
     const int off = i * V;
     A k0[V], k1[V], k2[V];
     if (g.channels_last) {
@@ -122,7 +107,7 @@ __device__ void resident_backward_body(const BackwardParams& p, const Launch& l,
     store_vec<T, V>(du_out + off, r0);
     store_vec<T, V>(dx_out + off, r1);
   });
-  if (CL > 1) CMPE_SE_CLUSTER_SYNC();  // the other blocks have read this block's partials
+  if (sl.CL > 1) CMPE_SE_CLUSTER_SYNC();  // the other blocks have read this block's partials
 }
 
 template <typename T, int V>
