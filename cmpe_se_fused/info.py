@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
 import sys
 
@@ -33,6 +34,9 @@ def collect() -> dict:
     info["extensions"] = {name: (status or "loaded") for name, status in ops.EXTENSION_STATUS.items()}
     info["backends"] = {name: (be.static_reasons() or "usable") for name, be in BACKENDS.items()}
     info["auto order"] = {dev: " > ".join(order) for dev, order in AUTO_ORDER.items()}
+    # backend choice and launch options (CMPE_SE_BACKEND, CMPE_SE_CUDA_PATH, ...: docs/CUDA.md)
+    info["environment"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("CMPE_SE_")} or \
+        {"CMPE_SE_*": "(none set: defaults)"}
     return info
 
 
