@@ -1,6 +1,6 @@
 // Streaming passes over the full-size tensors of one sample (included by kernels_impl.h inside the
 // per-ISA namespace; see there). NCHW rows are reduced with four vector accumulators; channels_last
-// pixels are accumulated column-wise into an L1-resident array of C sums.
+// pixel rows are reduced down the rows with chunks of channel vectors held in registers.
 
 template <class S>
 struct Stream {
@@ -33,49 +33,45 @@ struct Stream {
     return s;
   }
 
-  // acc[c] += a[c] (or a[c]*b[c]) over one pixel row of C channels
-  template <bool B>
-  static CMPE_INL void col_acc(A* acc, const S* a, const S* b, int64_t C) {
-    int64_t c = 0;
-    for (; c + L <= C; c += L) {
-      V v = B ? IOS::load(a + c) * IOS::load(b + c) : IOS::load(a + c);
-      vstore(acc + c, vload<V>(acc + c) + v);
-    }
-    for (; c < C; ++c) acc[c] += B ? IOS::load1(a + c) * IOS::load1(b + c) : IOS::load1(a + c);
-  }
-
-  // acc[c] += sum of 4 pixel rows (row stride C): one load/store of acc per 4 input vectors
-  template <bool B>
-  static CMPE_INL void col_acc4(A* acc, const S* a, const S* b, int64_t C) {
-    int64_t c = 0;
-    for (; c + L <= C; c += L) {
-      V v0, v1;
-      if (B) {
-        v0 = IOS::load(a + c) * IOS::load(b + c) + IOS::load(a + C + c) * IOS::load(b + C + c);
-        v1 = IOS::load(a + 2 * C + c) * IOS::load(b + 2 * C + c) + IOS::load(a + 3 * C + c) * IOS::load(b + 3 * C + c);
-      } else {
-        v0 = IOS::load(a + c) + IOS::load(a + C + c);
-        v1 = IOS::load(a + 2 * C + c) + IOS::load(a + 3 * C + c);
+  // out[c] = sum_p a[c,p] (* b[c,p]) for a [P][C] block. Pixel rows are taken in blocks of
+  // kRowBlock; within a block, chunks of up to kChunk channel vectors are accumulated in registers
+  // down the rows (one add per input vector, no accumulator traffic through memory), then added
+  // to out. Measured ~1.8x faster than accumulating each row into an array of C sums (C=128,
+  // 32x32, one thread, AMD EPYC dev machine). tmp: unused (kept for the table's signature).
+  static constexpr int kChunk = 8;
+  template <bool B, int K>
+  static CMPE_INL void chunk_sum(const S* a, const S* b, int64_t C, int64_t p0, int64_t p1, int64_t c0, A* out) {
+    V s[K];
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) s[k] = V{};
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t o = p * C + c0;
+#pragma GCC unroll 8
+      for (int k = 0; k < K; ++k) {
+        if (B)
+          s[k] += IOS::load(a + o + k * L) * IOS::load(b + o + k * L);
+        else
+          s[k] += IOS::load(a + o + k * L);
       }
-      vstore(acc + c, vload<V>(acc + c) + (v0 + v1));
     }
-    for (; c < C; ++c) {
-      for (int64_t q = 0; q < 4; ++q)
-        acc[c] += B ? IOS::load1(a + q * C + c) * IOS::load1(b + q * C + c) : IOS::load1(a + q * C + c);
-    }
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) vstore(out + c0 + k * L, vload<V>(out + c0 + k * L) + s[k]);
   }
-
-  // out[c] = sum_p a[c,p] (* b[c,p]) for a [P][C] block, in pixel blocks of kRowBlock
   template <bool B>
-  static void cl_reduce(const S* a, const S* b, int64_t C, int64_t P, A* out, A* tmp) {
+  static void cl_reduce(const S* a, const S* b, int64_t C, int64_t P, A* out, A* /*tmp*/) {
     for (int64_t c = 0; c < C; ++c) out[c] = A(0);
+    const int64_t nv = C / L;
     for (int64_t p0 = 0; p0 < P; p0 += kRowBlock) {
       const int64_t p1 = p0 + kRowBlock < P ? p0 + kRowBlock : P;
-      for (int64_t c = 0; c < C; ++c) tmp[c] = A(0);
-      int64_t p = p0;
-      for (; p + 4 <= p1; p += 4) col_acc4<B>(tmp, a + p * C, B ? b + p * C : nullptr, C);
-      for (; p < p1; ++p) col_acc<B>(tmp, a + p * C, B ? b + p * C : nullptr, C);
-      for (int64_t c = 0; c < C; ++c) out[c] += tmp[c];
+      int64_t v = 0;
+      for (; v + kChunk <= nv; v += kChunk) chunk_sum<B, kChunk>(a, b, C, p0, p1, v * L, out);
+      for (; v < nv; ++v) chunk_sum<B, 1>(a, b, C, p0, p1, v * L, out);
+      for (int64_t c = nv * L; c < C; ++c) {
+        A t = A(0);
+        for (int64_t p = p0; p < p1; ++p)
+          t += B ? IOS::load1(a + p * C + c) * IOS::load1(b + p * C + c) : IOS::load1(a + p * C + c);
+        out[c] += t;
+      }
     }
   }
 
