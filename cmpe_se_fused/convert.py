@@ -5,8 +5,9 @@ Nothing is copied or re-initialised: the new layer *adopts the old layer's child
 (``fc1``, ``fc2``, ``fc1_identity``, ``pair_conv``, ``pair_bn``), so every parameter and buffer
 keeps its identity, values, device, dtype and ``requires_grad`` (an optimizer built before the
 conversion still holds the right tensors when ``inplace=True``), and the state_dict keys and
-bits do not change. The train/eval flag is copied. Forward hooks registered on a swapped layer
-itself are not carried over (hooks on its children are, with the children).
+bits do not change. The train/eval flag is copied. Hooks registered on a swapped layer itself are
+not carried over; hooks on its children move with the children but do not fire in a fused
+``CMPESE``, which never calls its children as modules (it warns once; docs/TRAINING.md).
 
 Duck-typing rule: a module is an eager CMPE-SE layer when it has a string attribute ``mode`` in
 :data:`~cmpe_se_fused.reference.MODES` and child modules with the SPEC names of that mode

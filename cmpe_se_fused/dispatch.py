@@ -104,31 +104,46 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), CpuBacke
 _logged: set = set()
 
 
+def _report_choice(device_type: str, dtype: str, name: str, why: str) -> bool:
+    """Log the auto choice once per (device, dtype, backend).
+
+    Marked ``assume_constant_result``: inside a ``torch.compile``'d region dynamo runs it as plain
+    Python at trace time and keeps its constant result, so the log line (dynamo cannot trace
+    ``logging``) neither breaks the graph nor fails ``fullgraph=True``; eagerly it is a plain call.
+    """
+    key = (device_type, dtype, name)
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("cmpe_se: backend=auto chose %r for %s %s inputs%s", name, device_type, dtype, why)
+    return True
+
+
+_report_choice = torch.compiler.assume_constant_result(_report_choice)
+
+
 def choose(backend: str, u: torch.Tensor) -> Backend:
     """The backend that runs ``u``: ``backend`` itself if it can, else a clear error; for
     ``auto`` (or ``CMPE_SE_BACKEND``) the first usable one in :data:`AUTO_ORDER`."""
+    origin = ""
     if backend == "auto":
         backend = os.environ.get("CMPE_SE_BACKEND", "auto").strip() or "auto"
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"CMPE_SE_BACKEND={backend!r} is not a backend; expected one of "
                              f"{('auto',) + BACKEND_NAMES}")
+        origin = f" (set by the environment variable CMPE_SE_BACKEND={backend}; unset it for backend=auto)"
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
         reasons = BACKENDS[backend].not_supported_reasons(u)
         if reasons:
-            raise RuntimeError(f"cmpe_se backend {backend!r} cannot run this input: " + "; ".join(reasons))
+            raise RuntimeError(f"cmpe_se backend {backend!r}{origin} cannot run this input: " + "; ".join(reasons))
         return BACKENDS[backend]
     order = AUTO_ORDER.get(u.device.type, ("reference",))
     skipped = []
     for name in order:
         reasons = BACKENDS[name].not_supported_reasons(u)
         if not reasons:
-            key = (u.device.type, u.dtype, name)
-            if key not in _logged:
-                _logged.add(key)
-                why = "".join(f"; {s}" for s in skipped)
-                logger.info("cmpe_se: backend=auto chose %r for %s %s inputs%s", name, u.device.type, u.dtype, why)
+            _report_choice(u.device.type, str(u.dtype), name, "".join(f"; {s}" for s in skipped))
             return BACKENDS[name]
         skipped.append(f"{name} skipped: {', '.join(reasons)}")
     raise RuntimeError("no cmpe_se backend can run this input: " + "; ".join(skipped))

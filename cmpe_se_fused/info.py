@@ -37,6 +37,10 @@ def collect() -> dict:
     # backend choice and launch options (CMPE_SE_BACKEND, CMPE_SE_CUDA_PATH, ...: docs/CUDA.md)
     info["environment"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("CMPE_SE_")} or \
         {"CMPE_SE_*": "(none set: defaults)"}
+    chosen = info["environment"].get("CMPE_SE_BACKEND", "").strip()
+    if chosen and chosen not in ("auto",) + tuple(BACKENDS):  # every layer with backend="auto" would raise
+        info["environment"]["CMPE_SE_BACKEND"] += (f"  (invalid: not a backend; expected one of "
+                                                   f"{', '.join(('auto',) + tuple(BACKENDS))})")
     return info
 
 

@@ -3,26 +3,32 @@ state_dict moves between backends and to/from :class:`cmpe_se_fused.reference.CM
 with ``strict=True``."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from .dispatch import BACKEND_NAMES
-from .functional import check_fold, cmpe_se
+from .functional import as_int, check_fold, cmpe_se
 from .reference import MODES, PAIR_MODES, build_layers
 
 
 def check_config(channels, mode, reduction, pair_filters, fold_width, padding, backend):
-    if not isinstance(channels, int) or channels < 1:
+    """Validate the constructor's arguments; returns ``(channels, reduction, pair_filters,
+    fold_width, padding)`` as Python ints (integer-like values such as numpy integers accepted)."""
+    if as_int(channels) is None or as_int(channels) < 1:
         raise ValueError(f"channels must be a positive int, got {channels!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(reduction, int) or reduction < 1:
+    if as_int(reduction) is None or as_int(reduction) < 1:
         raise ValueError(f"reduction must be a positive int, got {reduction!r}")
-    if pair_filters is not None and (not isinstance(pair_filters, int) or pair_filters < 1):
+    if pair_filters is not None and (as_int(pair_filters) is None or as_int(pair_filters) < 1):
         raise ValueError(f"pair_filters must be a positive int or None, got {pair_filters!r}")
     if backend not in ("auto",) + BACKEND_NAMES:
         raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
-    check_fold(mode, channels, fold_width, padding)
+    channels = as_int(channels)
+    fold_width, padding = check_fold(mode, channels, fold_width, padding)
+    return channels, as_int(reduction), None if pair_filters is None else as_int(pair_filters), fold_width, padding
 
 
 class CMPESE(nn.Module):
@@ -42,7 +48,8 @@ class CMPESE(nn.Module):
     def __init__(self, channels, mode="folded_3x3", reduction=16, pair_filters=None, fold_width=16, padding=0,
                  bn_eps=1e-5, bn_momentum=0.1, backend="auto"):
         super().__init__()
-        check_config(channels, mode, reduction, pair_filters, fold_width, padding, backend)
+        channels, reduction, pair_filters, fold_width, padding = check_config(
+            channels, mode, reduction, pair_filters, fold_width, padding, backend)
         build_layers(self, channels, mode, reduction, pair_filters, fold_width, padding, bn_eps, bn_momentum)
         self.backend = backend
 
@@ -58,22 +65,50 @@ class CMPESE(nn.Module):
             s += f", fold_width={self.fold_width}, padding={self.padding}"
         return s + f", backend={self.backend!r}"
 
+    def _warn_child_hooks(self):
+        """The fused op never calls ``fc1``, ``fc2``, ``pair_conv`` or ``pair_bn`` as modules, so
+        hooks registered on them do not fire: say so once per layer (eager calls only)."""
+        hooked = [name for name, child in self._modules.items() if child is not None and (
+            child._forward_hooks or child._forward_pre_hooks or child._backward_hooks
+            or child._backward_pre_hooks)]
+        if hooked:
+            self._child_hooks_warned = True
+            warnings.warn(f"{type(self).__name__}: hooks registered on its children {hooked} do not fire: the fused "
+                          f"layer computes them inside one op and never calls them as modules. Register hooks on "
+                          f"the layer itself (or use CMPESEReference, whose pair_bn is called).", stacklevel=3)
+
     def forward(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if isinstance(u, torch.Tensor) and u.dim() == 4 and u.shape[1] != self.channels:
             raise ValueError(f"u must have {self.channels} channels (this CMPESE's channels), got shape "
                              f"{tuple(u.shape)}")
+        if not torch.compiler.is_compiling() and not getattr(self, "_child_hooks_warned", False):
+            self._warn_child_hooks()
         bn_kwargs = {}
+        cumulative = False
         if self.mode in PAIR_MODES:
             bn = self.pair_bn
-            momentum = bn.momentum
-            if self.training:
-                bn.num_batches_tracked.add_(1)
-                if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
-                    momentum = 1.0 / float(bn.num_batches_tracked)
+            running_mean, running_var = bn.running_mean, bn.running_var
+            momentum = 0.0 if bn.momentum is None else bn.momentum
+            cumulative = self.training and bn.momentum is None
+            if cumulative:
+                # cumulative moving average (nn.BatchNorm2d's momentum=None): the op writes this batch's
+                # statistics into fresh buffers (momentum 1), the average is formed below with tensor ops,
+                # so no float() of num_batches_tracked: torch.compile(fullgraph=True) traces it
+                running_mean, running_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
+                momentum = 1.0
             bn_kwargs = dict(pair_weight=self.pair_conv.weight, bn_weight=bn.weight, bn_bias=bn.bias,
-                             running_mean=bn.running_mean, running_var=bn.running_var, eps=bn.eps,
-                             momentum=0.0 if momentum is None else momentum)
+                             running_mean=running_mean, running_var=running_var, eps=bn.eps, momentum=momentum)
         fc1_identity = self.fc1_identity.weight if self.mode == "double_fc" else None
-        return cmpe_se(u, x, self.fc1.weight, self.fc2.weight, fc1_identity_weight=fc1_identity,
-                       mode=self.mode, training=self.training, fold_width=self.fold_width,
-                       padding=self.padding, backend=self.backend, **bn_kwargs)
+        y = cmpe_se(u, x, self.fc1.weight, self.fc2.weight, fc1_identity_weight=fc1_identity,
+                    mode=self.mode, training=self.training, fold_width=self.fold_width,
+                    padding=self.padding, backend=self.backend, **bn_kwargs)
+        if self.mode in PAIR_MODES and self.training:
+            # counted only once the call has succeeded (validation raises before any kernel runs)
+            bn.num_batches_tracked.add_(1)
+            if cumulative and u.shape[0] > 0:  # an empty batch leaves the statistics alone (nn.BatchNorm2d)
+                with torch.no_grad():
+                    # nn.BatchNorm2d: factor = 1.0 / float(num_batches_tracked), the update in double
+                    f = 1.0 / bn.num_batches_tracked.to(torch.float64)
+                    for run, batch in ((bn.running_mean, running_mean), (bn.running_var, running_var)):
+                        run.copy_(batch.to(torch.float64) * f + run.to(torch.float64) * (1.0 - f))
+        return y

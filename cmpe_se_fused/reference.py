@@ -85,11 +85,13 @@ def batch_norm(a, bn_weight, bn_bias, running_mean, running_var, training, momen
     e = a.shape[1]
     m = a.numel() // e
     if training:
-        if m <= 1:
+        if m == 1:
             raise ValueError(f"pair_bn: expected more than 1 value per filter in training mode, got {m} "
                              f"(batch {a.shape[0]}, map {tuple(a.shape[2:])})")
         mean = a.mean(dim=(0, 2, 3))
         var = ((a - mean.view(1, e, 1, 1)) ** 2).mean(dim=(0, 2, 3))  # biased
+        if m == 0:  # an empty batch: nothing to normalise, running statistics untouched (nn.BatchNorm2d)
+            return a.clone(), mean, torch.rsqrt(var + eps)
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_((momentum * mean.detach()).to(running_mean.dtype))
             unbiased = var.detach() * (m / (m - 1))
@@ -255,6 +257,28 @@ def build_layers(module, channels, mode, reduction, pair_filters, fold_width, pa
         module.pair_bn = nn.BatchNorm2d(module.pair_filters, eps=bn_eps, momentum=bn_momentum)
 
 
+def _pair_bn(bn, a):
+    """``bn(a)``: ``nn.BatchNorm2d`` itself (batch statistics, running update, its hooks) when its
+    tensors are in ``a``'s dtype (the acc dtype); otherwise (a ``.half()``/``.bfloat16()`` module,
+    float64 input into a float32 module) the same computation, ``_BatchNorm.forward`` step by step,
+    in the acc dtype, with the running statistics updated in their own dtype, as :class:`CMPESE` does
+    (SPEC section 4)."""
+    if all(t is None or t.dtype == a.dtype for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)):
+        return bn(a)
+    factor = bn.momentum
+    if bn.training:  # build_layers' BatchNorm2d: affine, tracking running statistics
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    mean, var = bn.running_mean.to(a.dtype), bn.running_var.to(a.dtype)  # copies: the dtypes differ
+    out = F.batch_norm(a, mean, var, bn.weight.to(a.dtype), bn.bias.to(a.dtype), bn.training, factor or 0.0, bn.eps)
+    if bn.training:
+        with torch.no_grad():
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+    return out
+
+
 class CMPESEReference(torch.nn.Module):
     """Plain-PyTorch CMPE-SE block with the SPEC parameter names (``fc1``, ``fc1_identity``,
     ``fc2``, ``pair_conv``, ``pair_bn``). Same constructor as :class:`cmpe_se_fused.CMPESE`
@@ -280,7 +304,7 @@ class CMPESEReference(torch.nn.Module):
             else:
                 img = fold(pool_u, pool_x, self.fold_width) if self.mode == "folded_3x3" else pair_map(pool_u, pool_x)
                 a = F.conv2d(img, params["pair_conv.weight"], padding=self.pair_conv.padding)
-                z = self.pair_bn(a).mean(1).flatten(1)  # nn.BatchNorm2d itself (batch stats + running update)
+                z = _pair_bn(self.pair_bn, a).mean(1).flatten(1)
             h = F.relu(fc1(z))
         gate = torch.sigmoid(F.linear(h, params["fc2.weight"]))
         return torch.empty_like(u).copy_(gate[:, :, None, None] * u.to(acc) + x.to(acc))
