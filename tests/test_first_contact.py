@@ -7,7 +7,6 @@ the layer eagerly would not see what a new user sees).
 from __future__ import annotations
 
 import inspect
-import logging
 import os
 import re
 import subprocess
@@ -22,7 +21,7 @@ from conftest import make_params
 
 from cmpe_se_fused import CMPESE, CMPESEReference, cmpe_se
 from cmpe_se_fused.dispatch import BACKENDS
-from cmpe_se_fused.reference import MODES, PAIR_MODES, cmpe_se_reference
+from cmpe_se_fused.reference import MODES, cmpe_se_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CPU = not BACKENDS["cpu"].not_supported_reasons(torch.empty(1))
@@ -327,7 +326,8 @@ def test_integer_like_config_values():
                fold_width=np.int64(8), padding=np.int64(1))
     b = CMPESE(32, mode="folded_3x3", reduction=8, pair_filters=3, fold_width=8, padding=1)
     assert repr(a) == repr(b)
-    assert [type(getattr(a, k)) for k in ("channels", "reduction", "pair_filters", "fold_width", "padding")] == [int] * 5
+    sizes = ("channels", "reduction", "pair_filters", "fold_width", "padding")
+    assert [type(getattr(a, k)) for k in sizes] == [int] * 5
     assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
     u = torch.randn(2, 32, 2, 2)
     prm = make_params("folded_3x3", 32, fold_width=8, padding=1, dtype=torch.float32)
