@@ -76,6 +76,22 @@ def test_sdist_holds_every_tracked_file(tmp_path):
     assert headers and headers <= got
 
 
+# ---- what the wheel holds: its Python files (build_py) and what it compiles (setup.py's plan) ---
+
+def test_wheel_python_files_are_the_tracked_package(tmp_path):
+    """``setup.py build_py`` (the wheel's pure-Python part) copies every tracked module of every
+    subpackage, plus the generated build record."""
+    res = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-4000:]
+    built = {os.path.relpath(p, tmp_path) for p in glob.glob(str(tmp_path / "cmpe_se_fused" / "**" / "*.py"),
+                                                              recursive=True)}
+    tracked = {f for f in _git_files() if f.startswith("cmpe_se_fused/") and f.endswith(".py")}
+    assert built == tracked | {"cmpe_se_fused/_build_info.py"}
+    ns = {}
+    exec((tmp_path / "cmpe_se_fused" / "_build_info.py").read_text(), ns)  # noqa: S102
+    assert ns["BUILD_INFO"]["torch"] == torch.__version__
+
 # ---- what the wheel compiles (setup.py's plan; nothing is compiled) ---------------------------
 
 def _torch_like(cuda: str | None):
@@ -251,8 +267,10 @@ _FALLBACK_SCRIPT = textwrap.dedent("""
     import sys, warnings
     sys.modules["cmpe_se_fused._C"] = None          # as if _C had not been built
     import torch
-    from cmpe_se_fused import CMPESE, ops
+    from cmpe_se_fused import CMPESE, dispatch, ops
     assert not ops.HAS_C
+    # choose()'s one-time logger.info is another matter (a graph break of its own); only the warning is tested
+    dispatch._logged.add(("cpu", torch.float32, "reference"))
     torch.manual_seed(0)
     layer = CMPESE(16, mode="se", reduction=4)
     u, x = torch.randn(2, 16, 5, 5), torch.randn(2, 16, 5, 5)
@@ -306,14 +324,18 @@ def test_require_reports_each_missing_piece(monkeypatch):
         info.requirement_failures(["gpu"])
 
 
-def test_require_exit_codes():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "cmpe_se_fused.info", *a],  # noqa: E731
-                                    capture_output=True, text=True, timeout=300, check=False)
-    ok = run("--require", "reference")
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "build:" in ok.stdout
-    bad = run("--require", "nonsense")
-    assert bad.returncode == 2 and "unknown name 'nonsense'" in bad.stderr
+def test_require_exit_codes(capsys, monkeypatch):
+    """``main`` is what ``python -m cmpe_se_fused.info`` runs (README's test command runs it as a
+    process): 0 when met, 1 with the reasons on stderr, 2 for an unknown name."""
+    assert info.main(["--require", "reference"]) == 0
+    assert "build:" in capsys.readouterr().out
+    monkeypatch.setattr(ops, "EXTENSION_STATUS", {**ops.EXTENSION_STATUS, "_C_cuda": "not built: nvcc not found"})
+    assert info.main(["--require", "reference,cuda-build"]) == 1
+    assert "REQUIRED BUT MISSING: cmpe_se_fused._C_cuda is not loaded: not built: nvcc not found" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        info.main(["--require", "nonsense"])
+    assert exc.value.code == 2 and "unknown name 'nonsense'" in capsys.readouterr().err
 
 
 # ---- the full path, by request ------------------------------------------------------------------
