@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import warnings
 
 import torch
 
@@ -75,7 +76,10 @@ class CudaBackend(Backend):
                     f"({ops.EXTENSION_STATUS.get('_C_cuda', 'not built')})"]
         if not torch.cuda.is_available():
             return ["torch.cuda.is_available() is False (no GPU or no CUDA driver)"]
-        return []
+        # get_device_properties (not get_device_capability): torch.compile constant-folds it
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        why = ops.cuda_arch_reason((props.major, props.minor))
+        return [why] if why else []
 
 
 class TritonBackend(Backend):
@@ -115,6 +119,8 @@ def _report_choice(device_type: str, dtype: str, name: str, why: str) -> bool:
     if key not in _logged:
         _logged.add(key)
         logger.info("cmpe_se: backend=auto chose %r for %s %s inputs%s", name, device_type, dtype, why)
+    if name == "reference":
+        _warn_missing_extension(device_type)
     return True
 
 
@@ -147,6 +153,22 @@ def choose(backend: str, u: torch.Tensor) -> Backend:
             return BACKENDS[name]
         skipped.append(f"{name} skipped: {', '.join(reasons)}")
     raise RuntimeError("no cmpe_se backend can run this input: " + "; ".join(skipped))
+
+
+_warned_missing: set = set()
+
+
+def _warn_missing_extension(device_type: str) -> None:
+    """Once per device type: ``auto`` runs the eager reference because the compiled extension for
+    that device is missing (same results, slower). Not while torch.compile traces (fullgraph)."""
+    ext = {"cpu": "_C", "cuda": "_C_cuda"}.get(device_type)
+    loaded = ops.HAS_C if ext == "_C" else ops.HAS_C_CUDA
+    if ext is None or loaded or device_type in _warned_missing or torch.compiler.is_compiling():
+        return
+    _warned_missing.add(device_type)
+    warnings.warn(f"cmpe_se: backend='auto' runs the eager reference for {device_type} tensors because the "
+                  f"compiled extension cmpe_se_fused.{ext} is missing ({ops.EXTENSION_STATUS.get(ext)}); results "
+                  f"are the same, only slower. `python -m cmpe_se_fused.info` reports the build.", stacklevel=4)
 
 
 def availability() -> dict[str, list[str]]:

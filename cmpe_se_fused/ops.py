@@ -15,6 +15,7 @@ once-differentiable.
 from __future__ import annotations
 
 import importlib
+import re
 
 import torch
 
@@ -33,8 +34,17 @@ BACKWARD_SCHEMA = (
     "int padding) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
+#: what setup.py built, skipped and why, and the CUDA architectures (``_build_info.py`` is
+#: generated at build time); None for a tree that was never built by setup.py
+try:
+    from ._build_info import BUILD_INFO
+except ImportError:
+    BUILD_INFO = None
+
 #: why an extension is missing, by module name; empty string when loaded
 EXTENSION_STATUS: dict[str, str] = {}
+
+REBUILD_HINT = "pip install --no-build-isolation --no-deps --force-reinstall . (from the source tree)"
 
 
 def _try_import(name: str) -> bool:
@@ -43,7 +53,14 @@ def _try_import(name: str) -> bool:
         EXTENSION_STATUS[name] = ""
         return True
     except Exception as exc:  # noqa: BLE001 - ImportError, OSError (missing libcudart), ...
-        EXTENSION_STATUS[name] = f"{type(exc).__name__}: {exc}"
+        skipped = (BUILD_INFO or {}).get("skipped", {})
+        if name in skipped:
+            EXTENSION_STATUS[name] = f"not built: {skipped[name]}"
+        elif isinstance(exc, ModuleNotFoundError) and exc.name == f"cmpe_se_fused.{name}":
+            EXTENSION_STATUS[name] = ("not built" + ("" if BUILD_INFO else " (no build record: install with " +
+                                                     REBUILD_HINT + ")"))
+        else:
+            EXTENSION_STATUS[name] = f"{type(exc).__name__}: {exc}"
         return False
 
 
@@ -51,6 +68,44 @@ HAS_C = _try_import("_C")
 HAS_C_CUDA = HAS_C and _try_import("_C_cuda")
 if not HAS_C:
     EXTENSION_STATUS.setdefault("_C_cuda", "needs cmpe_se_fused._C (the op schemas) first")
+
+
+def _code_version(code: str) -> tuple[int, int, str]:
+    """``sm_90a`` -> ``(9, 0, "a")``; ``compute_120`` -> ``(12, 0, "")``."""
+    digits, suffix = re.fullmatch(r"(?:sm|compute)_(\d+)([a-z]?)", code).groups()
+    return int(digits[:-1]), int(digits[-1]), suffix
+
+
+def runs_on(capability: tuple[int, int], sass: list[str], ptx: list[str]) -> bool:
+    """Whether a binary with these SASS and PTX targets has code for a device of ``capability``:
+    SASS sm_XY runs on X.y for y >= Y (sm_XYa: X.Y only); PTX compute_XY is JIT-compiled for any
+    capability >= X.Y (compute_XYa: X.Y only)."""
+    major, minor = capability
+    for code in sass:
+        ma, mi, suf = _code_version(code)
+        if major == ma and (minor == mi if suf == "a" else minor >= mi):
+            return True
+    for code in ptx:
+        ma, mi, suf = _code_version(code)
+        if ((major, minor) == (ma, mi)) if suf == "a" else ((major, minor) >= (ma, mi)):
+            return True
+    return False
+
+
+def cuda_arch_reason(capability: tuple[int, int]) -> str:
+    """Why ``_C_cuda`` cannot run on a device of ``capability`` ("" when it can, or when the
+    build recorded no architectures)."""
+    arch = (BUILD_INFO or {}).get("cuda_arch") or {}
+    if not arch.get("sass") and not arch.get("ptx"):
+        return ""
+    if runs_on(capability, arch["sass"], arch["ptx"]):
+        return ""
+    cap = f"{capability[0]}.{capability[1]}"
+    built = ", ".join(arch["sass"] + arch["ptx"])
+    return (f"cmpe_se_fused._C_cuda carries no code for this GPU (compute capability {cap}); it was built for "
+            f"{built} (TORCH_CUDA_ARCH_LIST={arch.get('list')!r}); rebuild for it with "
+            f"TORCH_CUDA_ARCH_LIST={cap} {REBUILD_HINT}")
+
 
 _lib = torch.library.Library("cmpe_se", "FRAGMENT")  # noqa: TOR901
 _lib.define("triton_forward" + FORWARD_SCHEMA)
