@@ -44,7 +44,10 @@ def _device(text: str) -> str:
 
 
 def _json_file(path: str) -> str:
-    """The path of a readable bench.json (read again, for real, by options_from_args)."""
+    """The path of a readable bench.json (read again, for real, by options_from_args); ``""``: none
+    (child processes of variants get ``--compare=``)."""
+    if not path:
+        return path
     try:
         with open(path) as f:
             data = json.load(f)
