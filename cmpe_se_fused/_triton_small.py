@@ -225,7 +225,7 @@ def _bn_stats_kernel(mom, pw, bn_mean, bn_invstd, qmean, run_mean, run_var, N, D
     w = tl.load(pw + ei[:, None] * J + jj[None, :], mask=em[:, None] & (jj[None, :] < J), other=0.0)
     mu = tl.sum(w * mq[None, :], axis=1)
     var = tl.sum(w * _rows_times(w, cov, JP), axis=1)
-    var = tl.maximum(var, 0.0)
+    var = tl.where(var < 0.0, 0.0, var)  # rounding can go below 0; NaN propagates (tl.maximum would drop it)
     eps = _split_float(eps_hi, eps_lo, ACC)
     momentum = _split_float(mom_hi, mom_lo, ACC)
     tl.store(bn_mean + ei, mu, mask=em)

@@ -12,7 +12,7 @@ How (:class:`SyncCMPESE`, training mode, a pair mode, more than one rank):
 
 1. the pools and the pair-view maps ``a_i`` (``N x e x map``, tiny) are computed with the eager
    pieces of :mod:`cmpe_se_fused.reference` (one extra read of U and X), and the statistics with
-   one autograd-aware all-reduce (``torch.distributed.nn.functional.all_reduce``; float64 sums);
+   one autograd-aware all-reduce (``dist.all_reduce`` in a small autograd Function; float64 sums);
 2. the fused op of the layer's backend then runs with those statistics in place of the running
    ones (evaluation-mode BN: it normalises with what it is given), so ``Y = s * U + X`` and its
    backward stay fused; the running statistics are updated here, identically on every rank;
@@ -50,17 +50,35 @@ def _world_size(group) -> int:
     return dist.get_world_size(group)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """``sum over ranks`` of a tensor, differentiable: the gradient of every rank's input is the
+    sum over ranks of the output gradients. Plain ``dist.all_reduce`` on a copy (the autograd-aware
+    ``torch.distributed.nn.functional.all_reduce`` warns that it is deprecated on every call)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
 def global_batch_stats(a: torch.Tensor, group=None):
     """Per filter, over every rank's ``a: (N, e, Hm, Wm)``: ``(mean, biased var, count)``.
 
     ``N`` may differ between ranks. Differentiable: the all-reduce is autograd-aware, so gradients
     of the statistics reach every rank's ``a``. Sums in float64 (the one-pass variance is safe).
     """
-    from torch.distributed.nn.functional import all_reduce
     e = a.shape[1]
     a64 = a.to(torch.float64)
     local = torch.cat([a64.sum((0, 2, 3)), (a64 * a64).sum((0, 2, 3)), a64.new_full((e,), a.numel() // e)])
-    total = all_reduce(local, op=dist.ReduceOp.SUM, group=group) if _world_size(group) > 1 else local
+    total = _AllReduceSum.apply(local, group) if _world_size(group) > 1 else local
     s1, s2, count = total[:e], total[e:2 * e], total[2 * e:].detach()  # no .item(): no host sync per layer
     mean = s1 / count
     var = (s2 / count - mean * mean).clamp_min(0)

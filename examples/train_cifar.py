@@ -29,12 +29,30 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, TensorDataset
 
+from cmpe_se_fused.dispatch import BACKEND_NAMES
 from cmpe_se_fused.distributed import convert_sync_batchnorm, convert_sync_cmpe_se
 from cmpe_se_fused.models import preact_resnet, wide_resnet
 
 MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
 STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
 SE_MODES = ("none", "se", "double_fc", "pair_2x1", "pair_1x1", "folded_3x3")
+
+
+def model_name(text: str) -> str:
+    """``--model``: preact_resnetD (D = 6n+2: basic blocks; D = 9n+2 >= 164: bottlenecks) or wrnD_K (D = 6n+4)."""
+    if m := re.fullmatch(r"preact_resnet(\d+)", text):
+        d = int(m[1])
+        if d >= 8 and ((d - 2) % 6 == 0 or (d >= 164 and (d - 2) % 9 == 0)):
+            return text
+        raise argparse.ArgumentTypeError(f"{text!r}: the pre-act ResNet depth must be 6n+2 (basic blocks: 20, 56, 110, "
+                                         f"...) or 9n+2 >= 164 (bottlenecks: 164, 1001), got {d}")
+    if m := re.fullmatch(r"wrn(\d+)_(\d+)", text):
+        d, k = int(m[1]), int(m[2])
+        if d >= 10 and (d - 4) % 6 == 0 and k >= 1:
+            return text
+        raise argparse.ArgumentTypeError(f"{text!r}: WRN-D-K needs D = 6n+4 (10, 16, 22, 28, ...) and K >= 1")
+    raise argparse.ArgumentTypeError(f"unknown model {text!r}: preact_resnetD (e.g. preact_resnet110, "
+                                     "preact_resnet164) or wrnD_K (e.g. wrn16_8, wrn28_10)")
 
 
 def parse_args(argv=None):
@@ -45,10 +63,10 @@ def parse_args(argv=None):
     a("--download", action="store_true", help="download into --data (needs torchvision)")
     a("--synthetic", action="store_true", help="random images (class-dependent colour), no data needed")
     a("--synthetic-size", type=int, default=2048, help="synthetic training images (test: a quarter)")
-    a("--model", default="preact_resnet164",
+    a("--model", default="preact_resnet164", type=model_name,
       help="preact_resnet110|preact_resnet164|wrn16_8|wrn22_10|wrn28_10 (any preact_resnetD, wrnD_K)")
     a("--se-mode", choices=SE_MODES, default="folded_3x3")
-    a("--backend", default="auto", help="CMPE-SE backend: auto|reference|cpu|triton|cuda")
+    a("--backend", default="auto", choices=("auto",) + BACKEND_NAMES, help="CMPE-SE backend (auto: the first usable)")
     a("--fold-width", type=int, help="override the fold width m (default: 16 pre-act, C/10 WRN)")
     a("--pair-filters", type=int, help="override the pair-view filter count e")
     a("--padding", type=int, choices=(0, 1), help="padding of the folded 3x3 conv (default 0)")
@@ -352,11 +370,26 @@ def save(out, core, opt, sched, scaler, history, config, args):
     write_log(out, history)
 
 
+def check_model(args, num_classes):
+    """Build the network on the meta device (no memory, no time): a configuration the layers
+    reject is a usage error, said before any data is loaded."""
+    try:
+        with torch.device("meta"):
+            build_model(model_config(args, num_classes))
+    except (ValueError, TypeError) as exc:
+        hint = ""
+        if args.se_mode == "folded_3x3" and "fold" in str(exc):
+            hint = " Set the fold with --fold-width M (M must divide every stage's channels) or --padding 1."
+        print(f"train_cifar.py: error: --model {args.model} --se-mode {args.se_mode}: {exc}.{hint}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv=None):
     args = parse_args(argv)
+    num_classes = 10 if args.dataset == "cifar10" else 100
+    check_model(args, num_classes)
     rank, world, device = setup_distributed(args)
     np.random.seed(args.seed + rank)
-    num_classes = 10 if args.dataset == "cifar10" else 100
     data = load_data(args, num_classes, rank, world)
     config = model_config(args, num_classes)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -365,6 +398,15 @@ def main(argv=None):
     opt, sched, scaler = make_optimiser(args, core, device)
     out = Path(args.out)
     history, start = resume_from(args, out, core, opt, sched, scaler, device)
+    total = args.epochs + (args.plain_epochs if args.mixup > 0 else 0)
+    if history and start >= total:
+        if rank == 0:
+            print(f"{args.resume if args.resume != 'auto' else out / 'last.pt'}: the run is finished (epoch {start} of "
+                  f"{total}); nothing to train. Raise --epochs (or --plain-epochs with --mixup) to train on.",
+                  flush=True)
+        if world > 1:
+            dist.destroy_process_group()
+        return history
     train_loader, test_loader, sampler = make_loaders(args, data, rank, world)
     ctx = dict(device=device, steps=args.steps_per_epoch, show=rank == 0 and not args.no_progress,
                channels_last=args.channels_last, amp={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp),
@@ -375,7 +417,7 @@ def main(argv=None):
         print(f"{args.model} se_mode={args.se_mode} backend={args.backend}: "
               f"{sum(p.numel() for p in core.parameters()) / 1e6:.3f}M parameters; {world} process(es), device "
               f"{device}; lr milestones {sorted(sched.milestones)} x{sched.gamma}", flush=True)
-    for epoch in range(start, args.epochs + (args.plain_epochs if args.mixup > 0 else 0)):
+    for epoch in range(start, total):
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         lr, mixing = opt.param_groups[0]["lr"], args.mixup if epoch < args.epochs else 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -162,13 +163,19 @@ def _worker(rank, world, port):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        for backend in LAYER_BACKENDS:
-            for mode in PAIR_MODES:
-                check_sync_layer(rank, mode, backend)
-                check_local_stats(rank, mode, backend)
-            check_sync_autocast(rank, backend)
-            for mode, sync in (("folded_3x3", True), ("pair_2x1", True), ("folded_3x3", False), ("se", True)):
-                check_ddp(rank, mode, backend, sync)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for backend in LAYER_BACKENDS:
+                for mode in PAIR_MODES:
+                    check_sync_layer(rank, mode, backend)
+                    check_local_stats(rank, mode, backend)
+                check_sync_autocast(rank, backend)
+                for mode, sync in (("folded_3x3", True), ("pair_2x1", True), ("folded_3x3", False), ("se", True)):
+                    check_ddp(rank, mode, backend, sync)
+        # the synchronised layer uses no deprecated torch.distributed API (it warned on every rank)
+        deprecated = [str(w.message) for w in caught
+                      if "deprecated" in str(w.message) and "distributed" in str(w.message)]
+        assert not deprecated, deprecated
     finally:
         dist.destroy_process_group()
 

@@ -23,6 +23,43 @@ from .report import print_console
 from .runner import Options, Runner
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:INDEX, got {text!r}")
+    return text
+
+
+def _json_file(path: str) -> str:
+    """The path of a readable bench.json (read again, for real, by options_from_args); ``""``: none
+    (child processes of variants get ``--compare=``)."""
+    if not path:
+        return path
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path!r}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{path!r} is not a JSON file: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise argparse.ArgumentTypeError(f"{path!r} is not a bench.json written by this benchmark (no 'rows')")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cmpe_se_fused.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,20 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "cuda@s4:CMPE_SE_CUDA_SPLITS=4 (then name it in --providers, or use the gpu preset / 'all')")
     p.add_argument("--as-variant", help=argparse.SUPPRESS)
     p.add_argument("--copy-gbps", type=float, help=argparse.SUPPRESS)
-    p.add_argument("--batch", type=int, help="override N of every shape")
-    p.add_argument("--device", help="cpu or cuda (default cuda when available)")
-    p.add_argument("--threads", type=int, help="CPU intra-op threads (torch.set_num_threads; default torch's)")
+    p.add_argument("--batch", type=_positive_int, help="override N of every shape")
+    p.add_argument("--device", type=_device, help="cpu or cuda (default cuda when available)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="CPU intra-op threads (torch.set_num_threads; default torch's)")
     p.add_argument("--out", default="bench_out", help="output folder for bench.json, bench.md, bench.png")
     p.add_argument("--e2e", action="store_true", default=None, help="add the end-to-end training-step rows")
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="no end-to-end rows")
-    p.add_argument("--e2e-batch", type=int, help="end-to-end batch (default 128 on GPU, 8 on CPU)")
+    p.add_argument("--e2e-batch", type=_positive_int, help="end-to-end batch (default 128 on GPU, 8 on CPU)")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="no CUDA-graph replay timings")
     p.add_argument("--graph-threshold-us", type=float, default=200.0,
                    help="also time CUDA-graph replays for rows faster than this (default 200)")
     p.add_argument("--compile-all", action="store_true", help="run torch.compile on every case (presets limit it)")
     p.add_argument("--budget-s", type=float, help="soft time budget in seconds (default: the preset's)")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="no bench.png")
-    p.add_argument("--compare", metavar="OLD.json", help="flag rows more than --threshold slower than OLD.json")
+    p.add_argument("--compare", metavar="OLD.json", type=_json_file,
+                   help="flag rows more than --threshold slower than OLD.json (a bench.json)")
     p.add_argument("--threshold", type=float, default=0.10, help="regression threshold for --compare (0.10)")
     p.add_argument("--fail-on-regression", action="store_true", help="exit 3 when --compare finds regressions")
     p.add_argument("--list", action="store_true", help="print the cases and providers, run nothing")
@@ -118,9 +157,12 @@ def main(argv=None) -> int:
         print(f"{len(opts.cases)} cases x passes {','.join(opts.passes)}; providers {','.join(opts.providers)}; "
               f"e2e {'on' if opts.e2e else 'off'}")
         return 0
-    result = Runner(opts).run()
+    runner = Runner(opts)
+    result = runner.run()
     print_console(result)
-    print(f"[bench] wrote {opts.out}/bench.json, bench.md" + (", bench.png" if opts.plot else ""), file=sys.stderr)
+    print(f"[bench] wrote {opts.out}/" + ", ".join(runner.written), file=sys.stderr)
+    if runner.plot_note:
+        print(f"[bench] {runner.plot_note}", file=sys.stderr)
     if args.fail_on_regression and result.get("compare", {}).get("regressions"):
         return 3
     return 0

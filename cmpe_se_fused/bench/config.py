@@ -120,7 +120,7 @@ def _preset_table() -> dict:
                "(max-autotune: bf16 folded_3x3); end-to-end rows", _wrn28_10() + _resnet164(),
                dtypes={"cpu": ("fp32",), "cuda": ("fp32", "bf16")}, limits=gpu_compile_limits,
                e2e_modes=("folded_3x3",), e2e_dtypes=("fp32", "bf16"), budget_s=200.0),
-        Preset("targets", "the GPU targets of issues 4-6 first (gpu_check.sh, ~2 min): WRN-28-10 stage 1 and "
+        Preset("targets", "the project's headline GPU shapes first (gpu_check.sh, ~2 min): WRN-28-10 stage 1 and "
                "ResNet-164 stage 3 at N=128, se and folded_3x3, fp32+bf16, NCHW, eval then train, every pass; "
                "providers eager, compile (WRN stage 1), triton, cuda, cuda@resident(_c8)",
                [_wrn28_10()[0], _resnet164()[2]], layouts=("nchw",), phases=("eval", "train"),

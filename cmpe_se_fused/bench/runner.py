@@ -118,6 +118,8 @@ class Runner:
         self.t0 = time.perf_counter()
         self.rows: list[dict] = []
         self.notes: list[str] = []
+        self.written: list[str] = []  # the files of the last complete write
+        self.plot_note: str | None = None
         self.result: dict = {}
         self.gbps = 0.0
 
@@ -351,12 +353,14 @@ class Runner:
         if partial:
             report.write_json(self.result, os.path.join(o.out, "bench.json"))
             return
+        self.plot_note = None
         if o.plot:
-            note = report.write_plot(self.result, os.path.join(o.out, "bench.png"))
-            if note:
-                self.notes.append(note)
+            self.plot_note = report.write_plot(self.result, os.path.join(o.out, "bench.png"))
+            if self.plot_note:
+                self.notes.append(self.plot_note)
         report.write_json(self.result, os.path.join(o.out, "bench.json"))
         report.write_markdown(self.result, os.path.join(o.out, "bench.md"))
+        self.written = ["bench.json", "bench.md"] + (["bench.png"] if o.plot and not self.plot_note else [])
 
 
 def _raise_stop(signum, frame):

@@ -27,6 +27,19 @@ def _make_se(channels, se_mode, se_kwargs, defaults):
     return CMPESE(channels, mode=se_mode, **kwargs)
 
 
+def _fold_hint(se_mode, channels, uniform_fold):
+    """For a folded_3x3 layer that cannot fold its stage: a fold width every stage accepts (when
+    every stage uses the same one)."""
+    if se_mode != "folded_3x3" or not uniform_fold:
+        return ""
+    fits = [m for m in range(3, min(channels) + 1)
+            if all(c % m == 0 and 2 * (c // m) >= 3 for c in channels)]
+    widths = ", ".join(str(c) for c in channels)
+    if not fits:
+        return f". No fold width fits every stage ({widths} channels) with padding 0"
+    return f". fold_width={max(fits)} fits every stage ({widths} channels)"
+
+
 def _combine(se, u, x):
     return u + x if se is None else se(u, x)
 
@@ -95,6 +108,7 @@ class PreActResNet(nn.Module):
             self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
                                       nn.MaxPool2d(3, 2, 1))
         stages = []
+        uniform_fold = fold_width_fn is None or "fold_width" in se_kwargs
         for i, (n_blocks, planes) in enumerate(zip(layers, widths)):
             blocks = []
             for j in range(n_blocks):
@@ -107,7 +121,13 @@ class PreActResNet(nn.Module):
                     kw["pair_filters"] = pair_filters_fn(out)
                 kw.update({k: v for k, v in se_kwargs.items() if k in ("fold_width", "pair_filters")})
                 rest = {k: v for k, v in se_kwargs.items() if k not in ("fold_width", "pair_filters")}
-                blocks.append(block(in_planes, planes, stride, se_mode, rest, dropout=dropout, **kw))
+                try:
+                    blocks.append(block(in_planes, planes, stride, se_mode, rest, dropout=dropout, **kw))
+                except ValueError as exc:
+                    if se_mode is None:
+                        raise
+                    raise ValueError(f"stage {i + 1} ({out} channels): {exc}"
+                                     f"{_fold_hint(se_mode, [w * block.expansion for w in widths], uniform_fold)}") from exc
                 in_planes = out
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)

@@ -7,6 +7,11 @@
 // BN needs batch sums first (sum dv, sum dv*(q - mq), the patch covariance), so there all heads run,
 // then a small phase over the N x map data, then all tails. The BN backward over the e filters is
 // collapsed to closed forms in those batch sums (see pair_gradients).
+//
+// dY is read where it lies whenever the kernels can (grad_view): each sample a dense block in the kernel
+// layout at any sample stride (0 included: y.sum(0); a channel slice of torch.cat's gradient), or dY constant
+// over H and W (y.sum(), y.sum((2, 3)): stride-0 pixels), where G = dY * sum_p U = dY * P * pool_u needs no pass
+// over U at all and dU, dX are per-channel fills. Any other strides: one dense copy.
 #include "cpu/common.h"
 #include "cpu/cpu_ops.h"
 
@@ -17,7 +22,10 @@ namespace {
 struct BwdArgs {
   Config g;
   bool training = false;
-  at::Tensor dyc, uc, du, dx;                       // dense in the kernel layout
+  at::Tensor dyc, uc, du, dx;                       // dense in the kernel layout (dyc: per sample, dy_sn apart)
+  int64_t dy_sn = 0;                                // elements between samples of dyc
+  bool dy_bcast = false;                            // dY constant over H, W: read from dyb instead of dyc
+  at::Tensor dyb;                                   // [N, C] in acc: dY at pixel 0 (dy_bcast)
   at::Tensor pool_u, pool_x, gate, hidden;          // contiguous, acc
   at::Tensor fc1, fc1_id, W2T;
   PairGeom pv;
@@ -91,8 +99,11 @@ void run(BwdArgs& a) {
   const SmallKernels<A>& mk = small_kernels<A>();
   const int64_t N = g.N, C = g.C, P = g.P, CP = C * P, R = g.R, r = g.r;
   const bool cl = g.channels_last, pair = is_pair(g.mode);
-  const S* dy = static_cast<const S*>(a.dyc.data_ptr());
-  const S* u = static_cast<const S*>(a.uc.data_ptr());
+  const bool bcast = a.dy_bcast;
+  const S* dy = bcast ? nullptr : static_cast<const S*>(a.dyc.data_ptr());
+  const int64_t sn = a.dy_sn;
+  const A* dyb = bcast ? a.dyb.data_ptr<A>() : nullptr;
+  const S* u = bcast ? nullptr : static_cast<const S*>(a.uc.data_ptr());
   S* du = static_cast<S*>(a.du.data_ptr());
   S* dx = static_cast<S*>(a.dx.data_ptr());
   const A* pu = a.pool_u.data_ptr<A>();
@@ -123,7 +134,14 @@ void run(BwdArgs& a) {
 
   // dY . U -> excitation backward -> d(pools) (se, double_fc) or dv, Qc, z and the sums (pair modes)
   auto head = [&](int64_t n, A* G, A* dpu, A* dpx, A* scratch) {
-    sk.grad_reduce(dy + n * CP, u + n * CP, C, P, cl, G, scratch);
+    if (bcast) {  // G = dY * sum_p U
+      const A* d = dyb + n * C;
+      const A* pun = pu + n * C;
+      const A fP = static_cast<A>(P);
+      for (int64_t c = 0; c < C; ++c) G[c] = d[c] * (pun[c] * fP);
+    } else {
+      sk.grad_reduce(dy + n * sn, u + n * CP, C, P, cl, G, scratch);
+    }
     A* dhn = dh.data() + n * R;
     mk.excite_backward(G, gt + n * C, hid + n * R, W2T, R, C, dg.data() + n * C, dhn);
     if (g.mode == Mode::kSE) {
@@ -157,7 +175,17 @@ void run(BwdArgs& a) {
       dpu[c] *= invP;
       dpx[c] *= invP;
     }
-    sk.grad_write(dy + n * CP, gt + n * C, dpu, dpx, du + n * CP, dx + n * CP, C, P, cl);
+    if (bcast) {  // dU = gate*dY + du/P and dX = dY + dx/P are constant over the pixels of a channel
+      const A* d = dyb + n * C;
+      const A* gn = gt + n * C;
+      for (int64_t c = 0; c < C; ++c) {
+        dpu[c] = gn[c] * d[c] + dpu[c];
+        dpx[c] = d[c] + dpx[c];
+      }
+      sk.grad_fill(dpu, dpx, du + n * CP, dx + n * CP, C, P, cl);
+    } else {
+      sk.grad_write(dy + n * sn, gt + n * C, dpu, dpx, du + n * CP, dx + n * CP, C, P, cl);
+    }
   };
   auto samples = [&](bool do_head, bool do_tail) {
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
@@ -200,6 +228,27 @@ void run(BwdArgs& a) {
   });
 }
 
+// How the kernels read grad_y (see the top of this file): in place when each sample is a dense block in the
+// kernel layout (any sample stride) or when it is constant over H and W; else a dense copy.
+void grad_view(BwdArgs& a, const at::Tensor& grad_y, at::MemoryFormat mf) {
+  const Config& g = a.g;
+  auto stride_is = [&](int d, int64_t expect) { return grad_y.size(d) == 1 || grad_y.stride(d) == expect; };
+  const bool dense = g.channels_last ? stride_is(1, 1) && stride_is(3, g.C) && stride_is(2, g.W * g.C)
+                                     : stride_is(3, 1) && stride_is(2, g.W) && stride_is(1, g.P);
+  if (dense) {
+    a.dyc = grad_y;
+    a.dy_sn = g.N > 1 ? grad_y.stride(0) : 0;
+    return;
+  }
+  if (stride_is(2, 0) && stride_is(3, 0)) {
+    a.dy_bcast = true;
+    a.dyb = grad_y.select(3, 0).select(2, 0).to(g.acc).contiguous();  // [N, C]: small
+    return;
+  }
+  a.dyc = grad_y.contiguous(mf);
+  a.dy_sn = g.C * g.P;
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
@@ -226,8 +275,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   }
 
   const at::MemoryFormat mf = layout_of(g);
-  a.dyc = grad_y.contiguous(mf);
-  a.uc = u.contiguous(mf);
+  grad_view(a, grad_y, mf);
+  if (!a.dy_bcast) a.uc = u.contiguous(mf);
   Output du(u, mf), dx(u, mf);
   a.du = du.buf;
   a.dx = dx.buf;

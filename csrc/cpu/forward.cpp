@@ -46,7 +46,7 @@ void batch_statistics(FwdArgs& a, const A* c2, const std::vector<double>& mq) {
       mu += w[k] * mq[k];
       for (int64_t l = 0; l < K; ++l) v += w[k] * cov[k * K + l] * w[l];
     }
-    var[i] = v > 0.0 ? v : 0.0;
+    var[i] = v < 0.0 ? 0.0 : v;  // rounding can go below 0; NaN (and inf) propagate, as in nn.BatchNorm2d
     mean_out[i] = static_cast<A>(mu);
     invstd_out[i] = static_cast<A>(1.0 / std::sqrt(var[i] + a.eps));
     a.filt.mu[i] = mean_out[i];  // normalise with exactly the saved statistics

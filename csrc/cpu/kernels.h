@@ -42,6 +42,8 @@ struct StreamKernels {
   // dU = gate[c] * dY + bias_u[c], dX = dY + bias_x[c].
   void (*grad_write)(const S* dy, const A* gate, const A* bias_u, const A* bias_x, S* du, S* dx, int64_t C,
                      int64_t P, bool cl);
+  // dU[c,p] = vu[c], dX[c,p] = vx[c] at every pixel (dY constant over H, W: a broadcast gradient).
+  void (*grad_fill)(const A* vu, const A* vx, S* du, S* dx, int64_t C, int64_t P, bool cl);
 };
 
 // The pair view as a one-channel image (stored with its zero padding) cross-correlated by a kh x kw

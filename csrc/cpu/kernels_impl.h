@@ -120,7 +120,8 @@ constexpr int64_t kRowBlock = 32;
 namespace CMPE_SE_ISA {
 template <class S> const StreamKernels<S>& stream_table() {
   using K = Stream<S>;
-  static const StreamKernels<S> t{&K::squeeze, &K::rescale, &K::rescale_pool, &K::grad_reduce, &K::grad_write};
+  static const StreamKernels<S> t{&K::squeeze, &K::rescale, &K::rescale_pool, &K::grad_reduce, &K::grad_write,
+                                  &K::grad_fill};
   return t;
 }
 template <class A> const SmallKernels<A>& small_table() {

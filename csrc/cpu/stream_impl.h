@@ -180,6 +180,38 @@ struct Stream {
     }
   }
 
+  // dU[c,p] = vu[c], dX[c,p] = vx[c] at every pixel: the gradients when dY is constant over H, W.
+  static void grad_fill(const A* vu, const A* vx, S* du, S* dx, int64_t C, int64_t P, bool cl) {
+    if (cl || P == 1) {
+      for (int64_t p = 0; p < P; ++p) {
+        S* dup = du + p * C; S* dxp = dx + p * C;
+        int64_t c = 0;
+        for (; c + L <= C; c += L) {
+          IOS::store(dup + c, vload<V>(vu + c));
+          IOS::store(dxp + c, vload<V>(vx + c));
+        }
+        for (; c < C; ++c) {
+          IOS::store1(dup + c, vu[c]);
+          IOS::store1(dxp + c, vx[c]);
+        }
+      }
+      return;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      S* dup = du + c * P; S* dxp = dx + c * P;
+      const V a = V{} + vu[c], b = V{} + vx[c];
+      int64_t p = 0;
+      for (; p + L <= P; p += L) {
+        IOS::store(dup + p, a);
+        IOS::store(dxp + p, b);
+      }
+      for (; p < P; ++p) {
+        IOS::store1(dup + p, vu[c]);
+        IOS::store1(dxp + p, vx[c]);
+      }
+    }
+  }
+
   static void grad_write(const S* dy, const A* gate, const A* bias_u, const A* bias_x, S* du, S* dx, int64_t C,
                          int64_t P, bool cl) {
     if (cl || P == 1) {
