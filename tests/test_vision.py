@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ timm = pytest.importorskip("timm", reason="timm is not installed (pip install 'c
 from timm.models import resnet as timm_resnet  # noqa: E402
 from torchvision.models import resnet as tv_resnet  # noqa: E402
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 HAS_CPU_KERNEL = not BACKENDS["cpu"].not_supported_reasons()
 FUSED = "cpu" if HAS_CPU_KERNEL else "reference"
 
@@ -162,6 +164,11 @@ def test_resnet50_adds_the_parameters_preact_resnet50_adds(mode):
         assert added == ours, (family, mode, added, ours)
     se_net = _meta_model("timm", "seresnet50")  # timm's SE parameters go, CMPE-SE's come
     assert n_params(add_cmpe_se(se_net, mode)) == n_params(_meta_model("timm", "resnet50")) + ours
+    # the README's table states these totals
+    row = next(line for line in README.read_text().splitlines() if line.startswith("| torchvision `resnet50` +"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    plain = n_params(_meta_model("torchvision", "resnet50"))
+    assert cells[1] == f"{plain / 1e6:.3f}M" and cells[2 + MODES.index(mode)] == f"{(plain + ours) / 1e6:.3f}M"
 
 
 def _plain_checkpoint_round_trip(plain, tmp_path, mode):
