@@ -78,7 +78,8 @@ def _out_channels(block, bottleneck):
 class CMPESEResidualBlock(nn.Module):
     """A torchvision/timm residual block with a CMPE-SE layer on ``(U, X)`` before the final activation.
 
-    Built by :meth:`from_block` (``add_cmpe_se`` calls it); ``block_type`` names the wrapped class.
+    ``CMPESEResidualBlock(block, mode, backend, **layer_kwargs)`` adopts ``block``'s children
+    (``add_cmpe_se`` builds one per block); ``block_type`` names the wrapped class.
     """
 
     def __init__(self, block: nn.Module, mode: str = "folded_3x3", backend: str = "auto", **layer_kwargs):

@@ -30,6 +30,16 @@ HAS_CPU_KERNEL = not BACKENDS["cpu"].not_supported_reasons()
 FUSED = "cpu" if HAS_CPU_KERNEL else "reference"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these tests check behaviour, not speed, and OpenMP barriers stall on a
+    busy 2-core CI machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def resnet10():
     """The smallest torchvision ResNet: one BasicBlock per stage (resnet18 has two), 10 classes."""
     return tv_resnet.ResNet(tv_resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)
