@@ -372,5 +372,8 @@ def test_e2e_presets():
     for name in ("gpu", "resnet50"):
         assert config.PRESETS[name].e2e_batches["resnet50-tv"] == (64, 128)
         assert "resnet50-tv" in (config.PRESETS[name].e2e_nets or e2e.NETS)
+    for name in ("wrn28-10", "resnet164"):
+        assert config.PRESETS[name].e2e_nets == ("wrn16-8", "resnet164")
+    assert set(config.CIFAR_E2E_NETS) <= set(e2e.NETS)
     assert e2e.e2e_configs("resnet50-tv", ("se",), ("eager",)) == [(None, "plain"), ("se", "eager"),
                                                                    ("timm_se", "timm")]

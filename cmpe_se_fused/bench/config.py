@@ -106,6 +106,7 @@ class Preset:
 
 #: end-to-end batches of torchvision ResNet-50 (224x224) in the GPU presets
 RESNET50_E2E_BATCHES = {"resnet50-tv": (64, 128)}
+CIFAR_E2E_NETS = ("wrn16-8", "resnet164")
 
 
 def _preset_table() -> dict:
@@ -136,8 +137,10 @@ def _preset_table() -> dict:
                dtypes={"cpu": ("fp32",), "cuda": ("fp32", "bf16")}, e2e=False, budget_s=120.0,
                limits={"compile": {"stage": ("s1",)}},
                providers=("eager", "compile", "triton", "cuda", "cuda@resident", "cuda@resident_c8")),
-        Preset("wrn28-10", "WRN-28-10 stages 1-3 at N=128 (C=160/320/640, m=C/10, e=C/16)", _wrn28_10()),
-        Preset("resnet164", "pre-act ResNet-164 stages at N=128 (C=64/128/256, m=16, e=C/64)", _resnet164()),
+        Preset("wrn28-10", "WRN-28-10 stages 1-3 at N=128 (C=160/320/640, m=C/10, e=C/16)", _wrn28_10(),
+               e2e_nets=CIFAR_E2E_NETS),
+        Preset("resnet164", "pre-act ResNet-164 stages at N=128 (C=64/128/256, m=16, e=C/64)", _resnet164(),
+               e2e_nets=CIFAR_E2E_NETS),
         Preset("resnet50", "pre-act ResNet-50 stages at N=64 and N=256 (C=256..2048, m=16, e=C/64); end-to-end "
                "rows of torchvision ResNet-50 (N=64 and 128)", _resnet50(), e2e_nets=("resnet50-tv",),
                e2e_batches=RESNET50_E2E_BATCHES),

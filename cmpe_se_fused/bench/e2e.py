@@ -24,7 +24,6 @@ from .providers import provider_reasons
 from .timing import peak_memory_mb
 
 
-
 def torchvision_resnet50(se_mode=None, backend="auto"):
     """torchvision ``resnet50(weights=None)``, with ``add_cmpe_se(se_mode, backend)`` unless None."""
     from torchvision.models import resnet50
