@@ -33,7 +33,7 @@ from .dispatch import BACKEND_NAMES
 from .modules import CMPESE
 from .reference import KERNEL_SIZE, MODES, PAIR_MODES, CMPESEReference, relation_dim
 
-__all__ = ["SPEC_CHILDREN", "convert_model", "is_cmpe_se_layer", "layer_config", "revert_model"]
+__all__ = ["SPEC_CHILDREN", "add_cmpe_se", "convert_model", "is_cmpe_se_layer", "layer_config", "revert_model"]
 
 #: child modules of a CMPE-SE layer, by mode (SPEC section 1)
 SPEC_CHILDREN = {
@@ -225,3 +225,74 @@ def revert_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     return _swap(model, lambda m: _adopt(CMPESEReference, m, layer_config(m)) if isinstance(m, CMPESE) else None)
+
+
+_LAYER_KWARGS = ("reduction", "pair_filters", "fold_width", "padding", "bn_eps", "bn_momentum")
+
+
+def add_cmpe_se(model: nn.Module, mode: str = "folded_3x3", backend: str = "auto", inplace: bool = False,
+                **layer_kwargs) -> nn.Module:
+    """Put a CMPE-SE layer in every residual block of a torchvision or timm ResNet.
+
+    Every ``torchvision.models.resnet.BasicBlock``/``Bottleneck`` (resnet18..152, resnext*,
+    wide_resnet*) and ``timm.models.resnet.BasicBlock``/``Bottleneck`` (timm's resnet*, resnext*,
+    seresnet*, ...) in ``model`` becomes a :class:`~cmpe_se_fused.vision.CMPESEResidualBlock`:
+    the same modules under the same names plus ``cmpe_se``, a :class:`CMPESE` on the residual
+    output U and the shortcut X, in place of the sum: ``act(CMPESE(U, X))``. timm's SE module
+    (``seresnet*``) is dropped, CMPE-SE replaces it.
+
+    Defaults (SPEC section 5, as ``preact_resnet50``): fold width 16, pair filters ``C / 64`` in
+    bottlenecks (``width / 16``, width = C / 4) and ``C / 16`` in basic blocks, reduction 16.
+    ``layer_kwargs`` go to :class:`CMPESE` (``reduction``, ``pair_filters``, ``fold_width``,
+    ``padding``, ``bn_eps``, ``bn_momentum``); ``fold_width`` and ``pair_filters`` may also be a
+    function of the block's channel count C. The new layers take the device and dtype of the
+    block's last BatchNorm.
+
+    Weights: ``converted.load_state_dict(plain_state_dict, strict=False)`` loads a plain
+    checkpoint; the missing keys are exactly the ``cmpe_se`` layers' (for a timm SE checkpoint the
+    SE weights are the unexpected keys). ``convert_model``/``revert_model`` switch the layers'
+    backend as on the package's own networks. ``inplace=False`` (default) deep-copies ``model``.
+
+    Raises ``ValueError`` before changing anything: an unknown ``mode``/``backend``; a ResNet
+    stage (``layer1``, ...) holding a block of an unknown type (named in the message); a model
+    that already has CMPE-SE blocks; a model with no known ResNet block.
+    """
+    from .vision import CMPESEResidualBlock, block_spec, resnet_classes
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _check_backend(backend)
+    unknown = sorted(set(layer_kwargs) - set(_LAYER_KWARGS))
+    if unknown:
+        raise TypeError(f"add_cmpe_se got unknown layer argument(s) {unknown}; expected some of {_LAYER_KWARGS}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    nets = tuple(getattr(mod, "ResNet") for mod in resnet_classes().values() if hasattr(mod, "ResNet"))
+    done = next((name for name, m in model.named_modules() if isinstance(m, CMPESEResidualBlock)), None)
+    if done is not None:
+        raise ValueError(f"model already has CMPE-SE blocks ({done or 'the model'}); call add_cmpe_se once, "
+                         "and convert_model to change the backend")
+    found = 0
+    for name, m in model.named_modules():
+        found += block_spec(m) is not None
+        if nets and isinstance(m, nets):
+            for stage_name, stage in m.named_children():
+                if not (stage_name.startswith("layer") and isinstance(stage, nn.Sequential)):
+                    continue
+                for i, block in enumerate(stage):
+                    if block_spec(block) is None:
+                        where = f"{name}.{stage_name}.{i}" if name else f"{stage_name}.{i}"
+                        raise ValueError(f"unknown residual block type {type(block).__module__}."
+                                         f"{type(block).__name__} at {where}; add_cmpe_se knows "
+                                         "torchvision.models.resnet.BasicBlock/Bottleneck and "
+                                         "timm.models.resnet.BasicBlock/Bottleneck (exact types)")
+    if not found:
+        raise ValueError(f"no torchvision or timm ResNet block in {type(model).__module__}.{type(model).__name__}; "
+                         "add_cmpe_se knows torchvision.models.resnet.BasicBlock/Bottleneck and "
+                         "timm.models.resnet.BasicBlock/Bottleneck")
+    if not inplace:
+        model = copy.deepcopy(model)
+    # every new block first (bad layer arguments raise here, the model untouched), then the swap
+    new = {id(m): CMPESEResidualBlock(m, mode=mode, backend=backend, **layer_kwargs)
+           for m in model.modules() if block_spec(m) is not None}
+    return _swap(model, lambda m: new.get(id(m)))

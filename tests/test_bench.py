@@ -210,6 +210,24 @@ def test_e2e_rows_on_a_tiny_network(monkeypatch):
     assert rows[1]["overhead_vs_plain"] is not None and rows[1]["speedup_vs_eager"] == pytest.approx(1.0)
 
 
+def test_runner_e2e_nets_and_batches_from_the_preset(tmp_path, monkeypatch):
+    """The runner runs the preset's e2e nets, each at the preset's batches for it (else
+    ``e2e_batch``); ``e2e_batches`` in the options (--e2e-batch) override both."""
+    from cmpe_se_fused.models import preact_resnet
+    monkeypatch.setitem(e2e.NETS, "tiny", lambda **kw: preact_resnet(8, num_classes=100, **kw))
+    monkeypatch.setitem(e2e.NETS, "tiny2", lambda **kw: preact_resnet(8, num_classes=100, **kw))
+    monkeypatch.setattr(e2e, "_time_steps", lambda step, device, warmup, reps: (step(), (1000.0, 1))[1])
+
+    def run(out, **kw):
+        opts = tiny_options(out, ("eager",), modes=("se",), phases=("eval",), passes=("fwd",), e2e=True,
+                            e2e_modes=("se",), e2e_dtypes=("fp32",), e2e_batch=2, **kw)
+        opts.preset.e2e_nets, opts.preset.e2e_batches = ("tiny", "tiny2"), {"tiny": (3, 4)}
+        return sorted({(r["net"], r["N"]) for r in Runner(opts).run()["rows"] if r["kind"] == "e2e"})
+
+    assert run(tmp_path / "a") == [("tiny", 3), ("tiny", 4), ("tiny2", 2)]
+    assert run(tmp_path / "b", e2e_batches=(5,)) == [("tiny", 5), ("tiny2", 5)]
+
+
 # -- CLI, presets, gpu_check.sh ----------------------------------------------------------------
 
 def test_cli_list_and_errors(capsys):

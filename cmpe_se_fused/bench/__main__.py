@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench_out", help="output folder for bench.json, bench.md, bench.png")
     p.add_argument("--e2e", action="store_true", default=None, help="add the end-to-end training-step rows")
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="no end-to-end rows")
-    p.add_argument("--e2e-batch", type=_positive_int, help="end-to-end batch (default 128 on GPU, 8 on CPU)")
+    p.add_argument("--e2e-batch", type=_positive_int, help="end-to-end batch of every net "
+                   "(default: the preset's per net, else 128 on GPU, 8 on CPU)")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="no CUDA-graph replay timings")
     p.add_argument("--graph-threshold-us", type=float, default=200.0,
                    help="also time CUDA-graph replays for rows faster than this (default 200)")
@@ -122,7 +123,7 @@ def options_from_args(args, argv=None) -> Options:
         for name in providers:
             check_provider_name(name)
     shapes = [s.with_batch(args.batch) if args.batch else s for s in preset.shapes]
-    e2e = preset.e2e and preset.name != "quick" if args.e2e is None else args.e2e
+    e2e = preset.e2e if args.e2e is None else args.e2e
     compare = None
     if args.compare:
         with open(args.compare) as f:
@@ -133,6 +134,7 @@ def options_from_args(args, argv=None) -> Options:
         e2e_modes=tuple(m for m in (preset.e2e_modes or modes) if m in ALL_MODES),
         e2e_dtypes=tuple(d for d in (preset.e2e_dtypes or dtypes) if device.type == "cuda" or d in dtypes),
         e2e_batch=args.e2e_batch or (128 if device.type == "cuda" else 8), graphs=args.graphs,
+        e2e_batches=(args.e2e_batch,) if args.e2e_batch else (),
         graph_threshold_us=args.graph_threshold_us,
         budget_s=args.budget_s if args.budget_s is not None else preset.budget_s,
         quick_timing=preset.name in ("quick", "gpu", "targets"), plot=args.plot, compare=compare,

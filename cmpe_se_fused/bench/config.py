@@ -98,8 +98,15 @@ class Preset:
     e2e: bool = True
     e2e_modes: tuple | None = None      # None: the --modes axis
     e2e_dtypes: tuple | None = None     # None: the --dtypes axis
+    e2e_nets: tuple | None = None       # None: every net of bench.e2e.NETS
+    e2e_batches: dict = field(default_factory=dict)  # net -> batches (others: --e2e-batch / its default)
     budget_s: float | None = None
     providers: tuple | None = None      # default providers on CUDA (None: every provider of the device)
+
+
+#: end-to-end batches of torchvision ResNet-50 (224x224) in the GPU presets
+RESNET50_E2E_BATCHES = {"resnet50-tv": (64, 128)}
+CIFAR_E2E_NETS = ("wrn16-8", "resnet164")
 
 
 def _preset_table() -> dict:
@@ -111,15 +118,18 @@ def _preset_table() -> dict:
     }
     presets = [
         Preset("quick", "about a minute on a 2-core CPU: ResNet-164 stage 1 and WRN-28-10 stage 3 at N=16, "
-               "fp32 NCHW; torch.compile only on folded_3x3 in train mode", quick_shapes, layouts=("nchw",),
+               "fp32 NCHW; torch.compile only on folded_3x3 in train mode; end-to-end rows of torchvision ResNet-50 "
+               "(+ folded_3x3 CMPE-SE, timm seresnet50) at N=2", quick_shapes, layouts=("nchw",),
                dtypes={"cpu": ("fp32",), "cuda": ("fp32",)},
                limits={"compile": {"phase": ("train",), "mode": ("folded_3x3",)},
-                       "compile-max": {"phase": ("train",), "mode": ("folded_3x3",)}}, e2e=False),
+                       "compile-max": {"phase": ("train",), "mode": ("folded_3x3",)}},
+               e2e_nets=("resnet50-tv",), e2e_modes=("folded_3x3",), e2e_batches={"resnet50-tv": (2,)}),
         Preset("gpu", "gpu_check.sh (~3 min on an H100): WRN-28-10 and ResNet-164 stages at N=128, "
                "fp32+bf16, NCHW+channels_last, train+eval, every pass; torch.compile limited to NCHW train "
-               "(max-autotune: bf16 folded_3x3); end-to-end rows", _wrn28_10() + _resnet164(),
-               dtypes={"cpu": ("fp32",), "cuda": ("fp32", "bf16")}, limits=gpu_compile_limits,
-               e2e_modes=("folded_3x3",), e2e_dtypes=("fp32", "bf16"), budget_s=200.0),
+               "(max-autotune: bf16 folded_3x3); end-to-end rows (torchvision ResNet-50 at N=64 and 128)",
+               _wrn28_10() + _resnet164(), dtypes={"cpu": ("fp32",), "cuda": ("fp32", "bf16")},
+               limits=gpu_compile_limits, e2e_modes=("folded_3x3",), e2e_dtypes=("fp32", "bf16"), budget_s=200.0,
+               e2e_batches=RESNET50_E2E_BATCHES),
         Preset("targets", "the project's headline GPU shapes first (gpu_check.sh, ~2 min): WRN-28-10 stage 1 and "
                "ResNet-164 stage 3 at N=128, se and folded_3x3, fp32+bf16, NCHW, eval then train, every pass; "
                "providers eager, compile (WRN stage 1), triton, cuda, cuda@resident(_c8)",
@@ -127,9 +137,13 @@ def _preset_table() -> dict:
                dtypes={"cpu": ("fp32",), "cuda": ("fp32", "bf16")}, e2e=False, budget_s=120.0,
                limits={"compile": {"stage": ("s1",)}},
                providers=("eager", "compile", "triton", "cuda", "cuda@resident", "cuda@resident_c8")),
-        Preset("wrn28-10", "WRN-28-10 stages 1-3 at N=128 (C=160/320/640, m=C/10, e=C/16)", _wrn28_10()),
-        Preset("resnet164", "pre-act ResNet-164 stages at N=128 (C=64/128/256, m=16, e=C/64)", _resnet164()),
-        Preset("resnet50", "pre-act ResNet-50 stages at N=64 and N=256 (C=256..2048, m=16, e=C/64)", _resnet50()),
+        Preset("wrn28-10", "WRN-28-10 stages 1-3 at N=128 (C=160/320/640, m=C/10, e=C/16)", _wrn28_10(),
+               e2e_nets=CIFAR_E2E_NETS),
+        Preset("resnet164", "pre-act ResNet-164 stages at N=128 (C=64/128/256, m=16, e=C/64)", _resnet164(),
+               e2e_nets=CIFAR_E2E_NETS),
+        Preset("resnet50", "pre-act ResNet-50 stages at N=64 and N=256 (C=256..2048, m=16, e=C/64); end-to-end "
+               "rows of torchvision ResNet-50 (N=64 and 128)", _resnet50(), e2e_nets=("resnet50-tv",),
+               e2e_batches=RESNET50_E2E_BATCHES),
     ]
     return {p.name: p for p in presets}
 

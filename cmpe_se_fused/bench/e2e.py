@@ -1,12 +1,17 @@
 """End-to-end rows: one training step (forward, cross-entropy, backward, SGD step) of
-CMPE-SE-WRN-16-8 and CMPE-SE-ResNet-164 (CIFAR-100 heads, 32x32 inputs) with the CMPE-SE layers on
-each provider, beside the plain network (``se_mode=None``, provider ``plain``).
+CMPE-SE-WRN-16-8 and CMPE-SE-ResNet-164 (CIFAR-100 heads, 32x32 inputs), and of torchvision's
+ResNet-50 with ``add_cmpe_se`` (net ``resnet50-tv``: ImageNet head, 224x224 inputs on GPU, 64x64
+on CPU), with the CMPE-SE layers on each provider, beside the plain network (``se_mode=None``,
+provider ``plain``). ``resnet50-tv`` also has the SE baseline users would otherwise pick: timm's
+``seresnet50`` (se_mode ``timm_se``, provider ``timm``; the same network with timm's SE modules).
 
 The layer's share of a real step is what users feel: ``overhead_vs_plain`` is
-``step time / plain step time - 1`` (the cost of adding CMPE-SE to the network).
+``step time / plain step time - 1`` (the cost of adding CMPE-SE, or timm's SE, to the network).
+Nets that need torchvision or timm are skipped with the reason when the package is missing.
 """
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
 
@@ -18,8 +23,30 @@ from .config import DTYPES
 from .providers import provider_reasons
 from .timing import peak_memory_mb
 
+
+def torchvision_resnet50(se_mode=None, backend="auto"):
+    """torchvision ``resnet50(weights=None)``, with ``add_cmpe_se(se_mode, backend)`` unless None."""
+    from torchvision.models import resnet50
+
+    from ..convert import add_cmpe_se
+    model = resnet50(weights=None)
+    return model if se_mode is None else add_cmpe_se(model, se_mode, backend=backend, inplace=True)
+
+
+def timm_seresnet50():
+    import timm
+    return timm.create_model("seresnet50", pretrained=False)
+
+
 NETS = {"wrn16-8": lambda **kw: wide_resnet(16, 8, num_classes=100, **kw),
-        "resnet164": lambda **kw: preact_resnet(164, num_classes=100, **kw)}
+        "resnet164": lambda **kw: preact_resnet(164, num_classes=100, **kw),
+        "resnet50-tv": torchvision_resnet50}
+#: per net: ``{device type: input side}`` (default 32), classes (default 100), package needed
+IMAGE_SIZE = {"resnet50-tv": {"cuda": 224, "cpu": 64}}
+CLASSES = {"resnet50-tv": 1000}
+REQUIRES = {"resnet50-tv": "torchvision"}
+#: per net: extra rows ``(se_mode label, provider, builder, package needed)``, timed like the others
+BASELINES = {"resnet50-tv": (("timm_se", "timm", timm_seresnet50, "timm"),)}
 
 
 def e2e_row(net, batch, se_mode, dtype, layout, provider) -> dict:
@@ -29,15 +56,35 @@ def e2e_row(net, batch, se_mode, dtype, layout, provider) -> dict:
             "peak_mem_mb": None, "mem_vs_eager": None}
 
 
-def _build(net, se_mode, provider, device, layout, state=None):
+def _builder(net, se_mode, provider):
+    """(model constructor, its kwargs, the package it needs or None)."""
+    for label, prov, fn, package in BASELINES.get(net, ()):
+        if (label, prov) == (se_mode, provider):
+            return fn, {}, package
     backend = "reference" if provider == "eager" else provider
-    kwargs = {} if se_mode is None else {"se_mode": se_mode, "backend": backend}
+    return NETS[net], ({} if se_mode is None else {"se_mode": se_mode, "backend": backend}), REQUIRES.get(net)
+
+
+def _build(net, se_mode, provider, device, layout, state=None):
+    fn, kwargs, _ = _builder(net, se_mode, provider)
     torch.manual_seed(0)
-    model = NETS[net](**kwargs)
+    model = fn(**kwargs)
     if state is not None:
         model.load_state_dict(state)
     fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
     return model.to(device=device, memory_format=fmt).train()
+
+
+def _missing(package):
+    if package and importlib.util.find_spec(package) is None:
+        return f"{package} is not installed (pip install 'cmpe_se_fused[vision]')"
+    return None
+
+
+def e2e_configs(net, se_modes, providers):
+    """(se_mode, provider) of every row of ``net``: plain, each mode on each provider, baselines."""
+    return [(None, "plain")] + [(m, p) for m in se_modes for p in providers] + \
+        [(label, prov) for label, prov, _, _ in BASELINES.get(net, ())]
 
 
 def _step_fn(model, data, target, dtype, device):
@@ -78,39 +125,50 @@ def _time_steps(step, device, warmup, reps):
 
 
 def run_e2e(nets, se_modes, dtypes, layouts, providers, device, batch, on_row, should_skip=None):
-    """Yield-free driver: calls ``on_row(row)`` for every (net, se_mode, dtype, layout, provider)
-    plus the plain network. ``should_skip()`` returns a reason to stop early (time budget)."""
+    """Yield-free driver: calls ``on_row(row)`` for every (net, batch, dtype, layout, config) of
+    :func:`e2e_configs`. ``batch``: an int or a sequence of batches. ``should_skip()`` returns a
+    reason to stop early (time budget)."""
     warmup, reps = (3, 10) if device.type == "cuda" else (1, 3)
+    batches = (batch,) if isinstance(batch, int) else tuple(batch)
     for net in nets:
-        for dtype in dtypes:
-            for layout in layouts:
-                sample = torch.empty(1, 16, 1, 1, device=device, dtype=DTYPES[dtype])
-                configs = [(None, "plain")] + [(m, p) for m in se_modes for p in providers]
-                states = {}
-                for se_mode, provider in configs:
-                    row = e2e_row(net, batch, se_mode, dtype, layout, provider)
-                    reasons = [] if provider == "plain" else provider_reasons(provider, sample)
-                    why = should_skip() if should_skip else None
-                    if reasons or why:
-                        row["reason"] = why or "; ".join(reasons)
-                        on_row(row)
-                        continue
-                    try:
-                        model = _build(net, se_mode, provider, device, layout, states.get(se_mode))
-                        states.setdefault(se_mode, {k: v.detach().cpu() for k, v in model.state_dict().items()})
-                        fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
-                        data = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
-                        target = torch.randint(0, 100, (batch,), device=device)
-                        step = _step_fn(model, data, target, dtype, device)
-                        step()  # optimizer state allocated before the memory baseline
-                        row["peak_mem_mb"] = peak_memory_mb(step, device)
-                        t, n = _time_steps(step, device, warmup, reps)
-                        row.update(status="ok", median_us=float(t), reps=n, images_per_s=batch / (t * 1e-6))
-                    except Exception as exc:  # noqa: BLE001 - one broken config must not end the run
-                        row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
-                    finally:
-                        model = step = data = target = None
-                    on_row(row)
+        side = IMAGE_SIZE.get(net, {}).get(device.type, 32)
+        for n in batches:
+            for dtype in dtypes:
+                for layout in layouts:
+                    _run_configs(net, n, side, dtype, layout, se_modes, providers, device, (warmup, reps), on_row,
+                                 should_skip)
+
+
+def _run_configs(net, batch, side, dtype, layout, se_modes, providers, device, timing, on_row, should_skip):
+    sample = torch.empty(1, 16, 1, 1, device=device, dtype=DTYPES[dtype])
+    baseline_provs = {prov for _, prov, _, _ in BASELINES.get(net, ())}
+    states = {}
+    for se_mode, provider in e2e_configs(net, se_modes, providers):
+        row = e2e_row(net, batch, se_mode, dtype, layout, provider)
+        reasons = [] if provider == "plain" or provider in baseline_provs else provider_reasons(provider, sample)
+        missing = _missing(_builder(net, se_mode, provider)[2])
+        why = should_skip() if should_skip else None
+        if reasons or why or missing:
+            row["reason"] = why or missing or "; ".join(reasons)
+            on_row(row)
+            continue
+        model = step = data = target = None
+        try:
+            model = _build(net, se_mode, provider, device, layout, states.get(se_mode))
+            states.setdefault(se_mode, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+            fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+            data = torch.randn(batch, 3, side, side, device=device).contiguous(memory_format=fmt)
+            target = torch.randint(0, CLASSES.get(net, 100), (batch,), device=device)
+            step = _step_fn(model, data, target, dtype, device)
+            step()  # optimizer state allocated before the memory baseline
+            row["peak_mem_mb"] = peak_memory_mb(step, device)
+            t, n = _time_steps(step, device, *timing)
+            row.update(status="ok", median_us=float(t), reps=n, images_per_s=batch / (t * 1e-6))
+        except Exception as exc:  # noqa: BLE001 - one broken config must not end the run
+            row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        finally:
+            model = step = data = target = None
+        on_row(row)
 
 
 def derive_e2e(rows: list[dict]):

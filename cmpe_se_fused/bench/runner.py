@@ -21,7 +21,7 @@ import torch
 
 from . import envinfo, metrics, report
 from .config import DTYPES, Case, Preset, limit_reason
-from .e2e import NETS, derive_e2e, run_e2e
+from .e2e import NETS, derive_e2e, e2e_configs, run_e2e
 from .providers import (
     COMPILE_PROVIDERS,
     TOLERANCE,
@@ -53,6 +53,7 @@ class Options:
     e2e_modes: tuple = ()
     e2e_dtypes: tuple = ()
     e2e_batch: int = 8
+    e2e_batches: tuple = ()             # given: every e2e net at these batches (over the preset's e2e_batches)
     graphs: bool = True
     graph_threshold_us: float = 200.0
     budget_s: float | None = None
@@ -224,6 +225,13 @@ class Runner:
                 ("compile-max", tuple(p for p in provs if p == "compile-max"))]
         return [(name, ps) for name, ps in out if ps is None or ps]
 
+    def e2e_plan(self):
+        """[(net, batches)]: the preset's nets (default all), each at the batches given in the
+        options, else the preset's for that net, else ``e2e_batch``."""
+        o = self.o
+        nets = o.preset.e2e_nets or tuple(NETS)
+        return [(net, o.e2e_batches or o.preset.e2e_batches.get(net) or (o.e2e_batch,)) for net in nets]
+
     def e2e_providers(self):
         return tuple(p for p in self.o.providers if p not in COMPILE_PROVIDERS and "@" not in p)
 
@@ -271,16 +279,19 @@ class Runner:
         _log(f"[bench] copy bandwidth {self.gbps:.1f} GB/s; {len(o.cases)} cases x {len(o.passes)} passes, "
              f"providers {', '.join(o.providers)}")
         plan = self.phases()
-        n_e2e = len(NETS) * len(o.e2e_dtypes) * (1 + len(o.e2e_modes) * len(self.e2e_providers()))
+        n_e2e = sum(len(b) * len(o.e2e_dtypes) * len(e2e_configs(net, o.e2e_modes, self.e2e_providers()))
+                    for net, b in self.e2e_plan())
         progress = self._progress = Progress(sum(len(o.cases) * len(ps) if ps is not None else n_e2e
                                                  for _, ps in plan))
         for name, provs in plan:
             _log(f"[bench] phase {name} at {self.elapsed():.0f}s")
             if provs is None:
-                run_e2e(list(NETS), o.e2e_modes, o.e2e_dtypes, ("nchw",), self.e2e_providers(), o.device,
-                        o.e2e_batch, on_row=lambda r: (self.rows.append(r), progress.advance(
-                            f"e2e {r['net']} {r['se_mode']} {r['provider']}")),
-                        should_skip=lambda: self.budget_reason("e2e"))
+                for net, batches in self.e2e_plan():
+                    run_e2e([net], o.e2e_modes, o.e2e_dtypes, ("nchw",), self.e2e_providers(), o.device,
+                            batches, on_row=lambda r: (self.rows.append(r), progress.advance(
+                                f"e2e {r['net']} {r['se_mode']} {r['provider']}")),
+                            should_skip=lambda: self.budget_reason("e2e"))
+                    self.write(partial=True)
                 continue
             in_process = tuple(p for p in provs if not (is_env_variant(p) and not o.as_variant))
             for case in o.cases:
