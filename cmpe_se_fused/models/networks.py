@@ -126,8 +126,8 @@ class PreActResNet(nn.Module):
                 except ValueError as exc:
                     if se_mode is None:
                         raise
-                    raise ValueError(f"stage {i + 1} ({out} channels): {exc}"
-                                     f"{_fold_hint(se_mode, [w * block.expansion for w in widths], uniform_fold)}") from exc
+                    hint = _fold_hint(se_mode, [w * block.expansion for w in widths], uniform_fold)
+                    raise ValueError(f"stage {i + 1} ({out} channels): {exc}{hint}") from exc
                 in_planes = out
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
