@@ -2,6 +2,11 @@
 # GPU validation in one run (the protocol: GPU.md; what the outputs mean: benchmarks/README.md).
 #
 #   benchmarks/gpu_check.sh RESULTS_DIR
+#   benchmarks/gpu_check.sh --pack "$OUT"     # on the GPU machine (it returns at most 8 files)
+#
+# --pack OUT_DIR: the results folder is built in a temporary place and OUT_DIR receives exactly two
+# files: gpu_check.tar.gz (the whole folder, top directory gpu_check/) and summary.txt. Unpack
+# here with `mkdir -p DIR && tar xzf gpu_check.tar.gz -C DIR --strip-components=1`.
 #
 # Writes at most 11 files into RESULTS_DIR: env.json, ptxas.txt, bench.json, bench.md, bench.png
 # (the `targets` preset: the rows the GPU issues name, run right after the build), pytest.log,
@@ -17,8 +22,19 @@
 # CMPE_SE_COMMIT=<sha> (recorded when the tree has no .git).
 set -u
 
+PACK_DIR=""
+if [ "${1:-}" = "--pack" ]; then
+    if [ $# -lt 2 ] || [ -z "$2" ]; then
+        echo "usage: $0 RESULTS_DIR | $0 --pack OUT_DIR" >&2
+        exit 2
+    fi
+    mkdir -p "$2" || exit 2
+    PACK_DIR=$(cd "$2" && pwd)
+    PACK_TMP=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_pack.XXXXXX")
+    set -- "$PACK_TMP/gpu_check"
+fi
 if [ $# -lt 1 ] || [ -z "$1" ]; then
-    echo "usage: $0 RESULTS_DIR" >&2
+    echo "usage: $0 RESULTS_DIR | $0 --pack OUT_DIR" >&2
     exit 2
 fi
 mkdir -p "$1" || exit 2
@@ -247,7 +263,22 @@ fi
         grep -q "^bench .*FAIL" "$STEPS" && { echo "--- bench"; tail -n 20 "$SCRATCH/bench.log"; }
         grep -q "^env .*FAIL" "$STEPS" && { echo "--- env"; tail -n 10 "$SCRATCH/env.log"; }
     fi
+    if [ -n "$PACK_DIR" ]; then
+        echo
+        echo "packed: $PACK_DIR/gpu_check.tar.gz ($(find "$OUT" -type f | wc -l) files + this summary);" \
+             "unpack: mkdir -p DIR && tar xzf gpu_check.tar.gz -C DIR --strip-components=1"
+    fi
 } > "$OUT/summary.txt" 2>&1
 rm -rf "$SCRATCH"
-cat "$OUT/summary.txt"
+if [ -n "$PACK_DIR" ]; then
+    # The GPU machine returns at most 8 files from $OUT (GPU.md): one archive of the whole results
+    # folder (gpu/ included) plus summary.txt beside it.
+    tar czf "$PACK_DIR/gpu_check.tar.gz" -C "$(dirname "$OUT")" "$(basename "$OUT")" \
+        || echo "packing failed" >> "$OUT/summary.txt"
+    cp "$OUT/summary.txt" "$PACK_DIR/summary.txt"
+    rm -rf "$PACK_TMP"
+    cat "$PACK_DIR/summary.txt"
+else
+    cat "$OUT/summary.txt"
+fi
 exit 0
