@@ -537,38 +537,60 @@ def test_emulated_resident_kernels_match_reference():
 
 # Scaled-down shapes on which the planner of the emulated device (tests/emulator TINY: 2 SMs,
 # 24 KB of shared memory per block, sm_90) picks every path it has: the persistent grid with and
-# without splits, the per-sample grid, and resident clusters of 1, 2, 4 and 8 blocks.
+# without splits, the per-sample grid, and resident clusters of several sizes
+# (test_planner_picks_every_path checks the coverage).
 PLANNER_CASES = [
-    # mode, dtype, shape, layout, training, path, expected forward cluster (resident)
-    ("se", torch.float32, (2, 16, 4, 4), "nchw", True, "resident", 1),
-    ("double_fc", torch.float32, (2, 32, 8, 8), "nchw", True, "resident", 2),
-    ("se", torch.float16, (2, 32, 12, 12), "channels_last", False, "resident", 2),
-    ("se", torch.float32, (2, 32, 12, 12), "channels_last", True, "resident", 4),
-    ("folded_3x3", torch.float32, (2, 32, 16, 16), "nchw", False, "resident", 8),
-    ("folded_3x3", torch.float32, (3, 16, 6, 6), "nchw", True, "resident", 0),   # training pair: persistent
-    ("pair_2x1", torch.bfloat16, (3, 24, 5, 5), "channels_last", False, "per_sample", 0),
-    ("se", torch.float32, (1, 8, 32, 32), "nchw", True, "persistent", 0),       # splits of long rows
-    ("pair_1x1", torch.float64, (2, 16, 3, 3), "nchw", True, "persistent", 0),
+    # mode, dtype, shape, layout, training, path
+    ("se", torch.float32, (2, 16, 4, 4), "nchw", True, "resident"),
+    ("double_fc", torch.float32, (2, 32, 8, 8), "nchw", True, "resident"),
+    ("se", torch.float16, (2, 32, 12, 12), "channels_last", False, "resident"),
+    ("se", torch.float32, (2, 16, 12, 12), "channels_last", True, "resident"),
+    ("folded_3x3", torch.float32, (2, 32, 16, 16), "nchw", False, "resident"),
+    ("pair_1x1", torch.bfloat16, (2, 16, 8, 8), "nchw", False, "resident"),
+    ("folded_3x3", torch.float32, (3, 16, 6, 6), "nchw", True, "resident"),   # training pair: persistent
+    ("pair_2x1", torch.bfloat16, (3, 24, 5, 5), "channels_last", False, "per_sample"),
+    ("se", torch.float32, (1, 8, 32, 32), "nchw", True, "persistent"),       # splits of long rows
+    ("pair_1x1", torch.float64, (2, 16, 3, 3), "nchw", True, "persistent"),
 ]
 
 
+def _fold(shape):
+    return {"fold_width": 8 if shape[1] % 8 == 0 else 4}
+
+
+def _plans(case):
+    mode, dtype, shape, layout, training, path = case
+    E = _emu()
+    fl = E.plan(mode, shape, dtype, layout=layout, training=training, path=path, **_fold(shape))
+    bl = E.plan(mode, shape, dtype, layout=layout, training=training, path=path, backward=True, **_fold(shape))
+    return fl, bl
+
+
+def test_planner_picks_every_path():
+    """Over PLANNER_CASES the planner (csrc/cuda/launch_plan.cuh, the binding's) picks the persistent
+    grid with and without splits, the per-sample grid, the resident kernels with at least three
+    cluster sizes, and never fewer than 128 threads (the binding's clamp)."""
+    kinds, clusters = set(), set()
+    for case in PLANNER_CASES:
+        fl, bl = _plans(case)
+        assert fl["threads"] >= 128 and bl["threads"] >= 128
+        for launch in (fl, bl):
+            kinds.add("resident" if launch["cluster"] else "per_sample" if launch["per_sample"] else
+                      "persistent_split" if launch["splits"] > 1 else "persistent")
+            if launch["cluster"]:
+                clusters.add(launch["cluster"])
+        if case[0] in PAIR_MODES and case[4]:  # training pair modes: batch statistics need the grid
+            assert fl["cluster"] == 0 and not fl["per_sample"]
+    assert kinds == {"resident", "per_sample", "persistent_split", "persistent"}, kinds
+    assert len(clusters) >= 3 and 1 in clusters, clusters
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", PLANNER_CASES, ids=lambda c: f"{c[0]}-{c[3]}-{c[5]}-cl{c[6]}")
+@pytest.mark.parametrize("case", PLANNER_CASES, ids=lambda c: f"{c[0]}-{c[3]}-{c[5]}")
 def test_emulated_planner_paths(case):
     """The launches the binding would pick (csrc/cuda/launch_plan.cuh, shared with bindings.cpp:
     path, grid, threads >= 128, splits, cluster size, shared memory, workspace layout) run in the
     emulator against the float64 reference."""
-    mode, dtype, shape, layout, training, path, want_cluster = case
-    E = _emu()
-    kw = {"fold_width": 8 if shape[1] % 8 == 0 else 4}
-    fl = E.plan(mode, shape, dtype, layout=layout, training=training, path=path, **kw)
-    bl = E.plan(mode, shape, dtype, layout=layout, training=training, path=path, backward=True, **kw)
-    assert fl["cluster"] == want_cluster, fl
-    assert fl["threads"] >= 128 and bl["threads"] >= 128
-    if path == "per_sample":
-        assert fl["per_sample"] == 1 and bl["per_sample"] == 0
-    if path == "persistent" and shape[2] * shape[3] >= 1024:
-        assert fl["splits"] > 1, fl
-    if path == "resident" and mode in ("se", "double_fc"):
-        assert bl["cluster"] >= 1, bl
-    E.run_case(mode, dtype, shape, layout, training, fl, bl, **kw)
+    mode, dtype, shape, layout, training, _ = case
+    fl, bl = _plans(case)
+    _emu().run_case(mode, dtype, shape, layout, training, fl, bl, **_fold(shape))

@@ -37,7 +37,9 @@ _module = None
 
 
 def sources() -> list[str]:
-    """Every file the emulator build depends on."""
+    """Every file the kernels' translation unit (harness.cpp) depends on. The build folder and the
+    module name carry their hash; module.cpp (the Python bindings only) is rebuilt in place by
+    ninja when it changes."""
     files = [os.path.join(HERE, "harness.cpp")] + sorted(glob.glob(os.path.join(HERE, "shim", "*.h")))
     files += sorted(glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cuh")))
     files += [os.path.join(ROOT, "csrc", "cmpe_se.h"), os.path.join(ROOT, "csrc", "cuda", "launch_plan.cuh")]
@@ -72,7 +74,8 @@ def build():
         build_dir = os.path.join(ROOT, "build", f"emulator-{digest}")
         os.makedirs(build_dir, exist_ok=True)
         _module = cpp_extension.load(
-            f"cmpe_se_cuda_emulator_{digest}", sources=[os.path.join(HERE, "harness.cpp")],
+            f"cmpe_se_cuda_emulator_{digest}",
+            sources=[os.path.join(HERE, "harness.cpp"), os.path.join(HERE, "module.cpp")],
             extra_include_paths=[os.path.join(HERE, "shim"), os.path.join(ROOT, "csrc")],
             extra_cflags=CFLAGS, build_directory=build_dir, verbose=False)
         return _module
@@ -260,15 +263,23 @@ class Traffic:
         return p["min_sectors"] / p["sectors"] if p["sectors"] else 1.0
 
 
-def _phase_name(site: str, store: bool) -> str:
-    """Kernel phase of a traced access from the function that made it."""
+def _phase_name(site: str, store: bool, epoch: int) -> str:
+    """Kernel phase of a traced access, from the function that made it (the call site of the vector
+    helper) and, where the compiler inlined the phase function into the kernel body, from the grid
+    barriers the block had passed (the persistent kernels' squeeze is before the first one)."""
+    if store:
+        return "apply (store)"
     if "resident_load" in site:
         return "load"
     if "squeeze" in site:
         return "squeeze"
     if "apply" in site or "resident_backward_body" in site:
-        return "apply (store)" if store else "apply (load)"
-    return ("other (store)" if store else "other (load)") + f" [{site.split('(')[0][-40:]}]"
+        return "apply (load)"
+    if "forward_body" in site and "ItemRange const&)#1}" in site:
+        return "squeeze"  # forward_body's first lambda
+    if "forward_body" in site and "ItemRange const&)#2}" in site:
+        return "apply (load)"
+    return "squeeze" if epoch == 0 else "apply (load)"
 
 
 def traced(fn):
@@ -333,15 +344,12 @@ def analyse(ev: torch.Tensor, threads: torch.Tensor, names, tensor_bytes: int) -
     req_site[req] = site_idx
     req_store = torch.zeros(n_req, dtype=torch.long)
     req_store[req] = store
-    labels = {}
-    for si in range(len(site_names)):
-        for st in (0, 1):
-            labels[(si, st)] = _phase_name(site_names[si], bool(st))
-    lab_idx = req_site * 2 + req_store
-    for (si, st), name in labels.items():
-        m = lab_idx == si * 2 + st
-        if not bool(m.any()):
-            continue
+    req_epoch = torch.zeros(n_req, dtype=torch.long)
+    req_epoch[req] = _epoch
+    combos = torch.unique(torch.stack([req_site, req_store, req_epoch], 1), dim=0)
+    for si, st, ep in combos.tolist():
+        name = _phase_name(site_names[si], bool(st), ep)
+        m = (req_site == si) & (req_store == st) & (req_epoch == ep)
         ph = phases.setdefault(name, {"bytes": 0, "sectors": 0, "min_sectors": 0, "requests": 0})
         ph["bytes"] += int(req_bytes[m].sum())
         ph["sectors"] += int(touched[m].sum())
