@@ -107,6 +107,49 @@ def test_device_limits_are_data():
     assert GE.blocks_per_sm(d["H100"], 32, 256, 120000) == 1  # shared memory bound
 
 
+RESOURCE_USAGE = """
+Fatbin elf code:
+================
+arch = sm_90
+code version = [1,8]
+
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _ZN7cmpe_se22cmpe_se_forward_kernelIfLi4EEEv13ForwardParams6Launch:
+  REG:126 STACK:0 SHARED:16 LOCAL:0 CONSTANT[0]:1000 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _ZN7cmpe_se23cmpe_se_backward_kernelIfLi4EEEv14BackwardParams6Launch:
+  REG:117 STACK:8 SHARED:16 LOCAL:4 CONSTANT[0]:1000 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+
+def test_resource_usage_parsing():
+    """The cuobjdump --dump-resource-usage format (checked on a real sm_80/sm_90 fatbin)."""
+    from emulator.resources import parse_resource_usage
+
+    r = parse_resource_usage(RESOURCE_USAGE)
+    assert list(r) == ["sm_90"] and len(r["sm_90"]) == 2
+    fwd = r["sm_90"]["_ZN7cmpe_se22cmpe_se_forward_kernelIfLi4EEEv13ForwardParams6Launch"]
+    bwd = r["sm_90"]["_ZN7cmpe_se23cmpe_se_backward_kernelIfLi4EEEv14BackwardParams6Launch"]
+    assert fwd == {"REG": 126, "STACK": 0, "SHARED": 16, "LOCAL": 0}
+    assert bwd["STACK"] == 8 and bwd["LOCAL"] == 4
+
+
+def _fake_resources(regs):
+    names = ("cmpe_se_forward_kernel", "cmpe_se_backward_kernel", "cmpe_se_forward_resident_kernel",
+             "cmpe_se_backward_resident_kernel")
+    return {"sm_90": {f"{n}<float, 4>": {"REG": regs, "STACK": 0, "SHARED": 16, "LOCAL": 0} for n in names}}
+
+
+def test_bytes_in_flight_check_can_fail():
+    """At 128 registers every streaming loop meets Little's law on H100/H200; at 255 registers (one
+    256-thread block per SM) the backward apply (one tensor in flight) falls short: the budget bites."""
+    ok = GE.occupancy_rows(_fake_resources(128))
+    assert ok and all(r["ok"] for r in ok), [(r["kernel"], r["phase"], r["inflight"]) for r in ok if not r["ok"]]
+    short = [r for r in GE.occupancy_rows(_fake_resources(255)) if not r["ok"]]
+    assert short and all(r["phase"] == "apply (dY)" for r in short), short
+
+
 def test_streaming_loops_keep_enough_bytes_in_flight():
     """From the built extension's registers (cuobjdump): each main kernel's streaming loops keep at
     least copy bandwidth x latency / SMs bytes in flight per SM on H100 and H200 (Little's law)."""
