@@ -368,13 +368,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the CI subset: se and folded_3x3, two stage shapes")
     ap.add_argument("--write-docs", action="store_true", help="regenerate the tables in docs/CUDA.md")
     ap.add_argument("--measured", default=None, help="a gpu_check results folder: model vs measured")
+    ap.add_argument("--modes", default=None, help="comma list of modes for the bytes table (default: all)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: bytes,sectors,occupancy,model")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     failures = []
     parts = []
     if "bytes" not in skip:
-        modes = ("se", "folded_3x3") if args.quick else MODES
+        modes = tuple(args.modes.split(",")) if args.modes else ("se", "folded_3x3") if args.quick else MODES
         rows = bytes_rows(modes=modes)
         parts.append("### Bytes moved per pass (emulator, planner's launches, N=2 C=32 8x8 fp32 NCHW)\n\n"
                      "Global bytes of the full-size tensors (U, X, Y; dY, U, dU, dX), traced through the kernels' "

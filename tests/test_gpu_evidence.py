@@ -52,10 +52,9 @@ def test_bytes_moved_meet_spec_budgets():
 @pytest.mark.slow
 def test_gpu_evidence_exits_nonzero_when_a_budget_breaks(monkeypatch, capsys):
     _emu()
-    monkeypatch.setattr(GE, "MODES", ("se",))
     tight = {k: v - 0.5 for k, v in GE.BUDGET.items()}
     monkeypatch.setattr(GE, "BUDGET", tight)
-    assert GE.main(["--quick", "--skip", "sectors,occupancy,model"]) == 1
+    assert GE.main(["--modes", "se", "--skip", "sectors,occupancy,model"]) == 1
     assert "BUDGETS BROKEN" in capsys.readouterr().out
 
 
