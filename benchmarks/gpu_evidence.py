@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -310,7 +309,6 @@ def model_rows(run_dir=H200_RUN, measured_dir=None):
             if r["layout"] == "nchw" and r["mode"] == "se" and r["phase"] == "train":
                 measured[(r["net"], r["stage"], r["dtype"], r["pass"], r["provider"])] = r.get("graph_us") or \
                     r["median_us"]
-    d = device_limits()["H200"]
     rows = []
     for net, stage, c, h in (("wrn28-10", "s1", 160, 32), ("resnet164", "s3", 256, 8)):
         for dt, elem in (("fp32", 4), ("bf16", 2)):
