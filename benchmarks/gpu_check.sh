@@ -2,23 +2,40 @@
 # GPU validation in one run (the protocol: GPU.md; what the outputs mean: benchmarks/README.md).
 #
 #   benchmarks/gpu_check.sh RESULTS_DIR
+#   benchmarks/gpu_check.sh --pack "$OUT"     # on the GPU machine (it returns at most 8 files)
 #
-# Writes at most 11 files into RESULTS_DIR: env.json, ptxas.txt, bench.json, bench.md, bench.png
+# --pack OUT_DIR: the results folder is built in a temporary place and OUT_DIR receives exactly two
+# files: gpu_check.tar.gz (the whole folder, top directory gpu_check/) and summary.txt. Unpack
+# here with `mkdir -p DIR && tar xzf gpu_check.tar.gz -C DIR --strip-components=1`.
+#
+# Writes at most 12 files into RESULTS_DIR: env.json, ptxas.txt, bench.json, bench.md, bench.png
 # (the `targets` preset: the rows the GPU issues name, run right after the build), pytest.log,
-# sanitizer.log, gpu/bench.{json,md,png} (the broad `gpu` preset with the time left) and
-# summary.txt (printed last). Every step has a time cap taken from one overall budget
+# sanitizer.log, gpu/bench.{json,md,png} (the broad `gpu` preset with the time left),
+# evidence.md (benchmarks/gpu_evidence.py: occupancy from the build's registers, the model of
+# docs/CUDA.md next to this run's times) and summary.txt (printed last). Every step has a time cap taken from one overall budget
 # (GPU_CHECK_BUDGET_S, default 470 s), a failing step does not stop the ones after it, and
 # summary.txt records each step's status. Scratch files (the full build log, the benchmark
 # consoles) live in a temporary folder and are not returned.
 #
 # Switches (local dry runs): GPU_CHECK_PYTHON=/path/python, GPU_CHECK_SKIP_BUILD=1, GPU_CHECK_SKIP_PYTEST=1,
-# GPU_CHECK_SKIP_SANITIZER=1, GPU_CHECK_TARGETS_ARGS="--preset targets", GPU_CHECK_BENCH_ARGS="--preset gpu"
+# GPU_CHECK_SKIP_SANITIZER=1, GPU_CHECK_SKIP_EVIDENCE=1, GPU_CHECK_TARGETS_ARGS="--preset targets", GPU_CHECK_BENCH_ARGS="--preset gpu"
 # (the two bench runs' arguments; GPU_CHECK_SKIP_TARGETS=1 / GPU_CHECK_SKIP_BENCH=1 skip them),
 # CMPE_SE_COMMIT=<sha> (recorded when the tree has no .git).
 set -u
 
+PACK_DIR=""
+if [ "${1:-}" = "--pack" ]; then
+    if [ $# -lt 2 ] || [ -z "$2" ]; then
+        echo "usage: $0 RESULTS_DIR | $0 --pack OUT_DIR" >&2
+        exit 2
+    fi
+    mkdir -p "$2" || exit 2
+    PACK_DIR=$(cd "$2" && pwd)
+    PACK_TMP=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_pack.XXXXXX")
+    set -- "$PACK_TMP/gpu_check"
+fi
 if [ $# -lt 1 ] || [ -z "$1" ]; then
-    echo "usage: $0 RESULTS_DIR" >&2
+    echo "usage: $0 RESULTS_DIR | $0 --pack OUT_DIR" >&2
     exit 2
 fi
 mkdir -p "$1" || exit 2
@@ -219,7 +236,17 @@ else
     rm -f "$OUT"/gpu/*.tmp
 fi
 
-# ---- 6. summary -----------------------------------------------------------------------------
+# ---- 7. evidence: kernel resources from the .so, occupancy, the model vs this run's numbers ---
+if [ "${GPU_CHECK_SKIP_EVIDENCE:-0}" = 1 ]; then
+    record evidence SKIP 0 "GPU_CHECK_SKIP_EVIDENCE=1"
+else
+    # bytes and coalescing come from the CPU emulator (no GPU needed: run them at home)
+    step evidence "$(cap 90 0)" "$OUT/evidence.md" \
+        "$PY" benchmarks/gpu_evidence.py --skip bytes,sectors --measured "$OUT"
+    done_step evidence "evidence.md: occupancy from cuobjdump, model vs measured"
+fi
+
+# ---- 8. summary -----------------------------------------------------------------------------
 {
     echo "gpu_check.sh  $(date -u +%Y-%m-%dT%H:%M:%SZ)  total $(elapsed)s of budget ${BUDGET}s"
     echo "gpu: $(head -2 "$SCRATCH/nvidia-smi.csv" 2>/dev/null | tail -1)"
@@ -247,7 +274,22 @@ fi
         grep -q "^bench .*FAIL" "$STEPS" && { echo "--- bench"; tail -n 20 "$SCRATCH/bench.log"; }
         grep -q "^env .*FAIL" "$STEPS" && { echo "--- env"; tail -n 10 "$SCRATCH/env.log"; }
     fi
+    if [ -n "$PACK_DIR" ]; then
+        echo
+        echo "packed: $PACK_DIR/gpu_check.tar.gz ($(find "$OUT" -type f | wc -l) files + this summary);" \
+             "unpack: mkdir -p DIR && tar xzf gpu_check.tar.gz -C DIR --strip-components=1"
+    fi
 } > "$OUT/summary.txt" 2>&1
 rm -rf "$SCRATCH"
-cat "$OUT/summary.txt"
+if [ -n "$PACK_DIR" ]; then
+    # The GPU machine returns at most 8 files from $OUT (GPU.md): one archive of the whole results
+    # folder (gpu/ included) plus summary.txt beside it.
+    tar czf "$PACK_DIR/gpu_check.tar.gz" -C "$(dirname "$OUT")" "$(basename "$OUT")" \
+        || echo "packing failed" >> "$OUT/summary.txt"
+    cp "$OUT/summary.txt" "$PACK_DIR/summary.txt"
+    rm -rf "$PACK_TMP"
+    cat "$PACK_DIR/summary.txt"
+else
+    cat "$OUT/summary.txt"
+fi
 exit 0

@@ -21,6 +21,7 @@
 #include <tuple>
 
 #include "cmpe_se.h"
+#include "cuda/launch_plan.cuh"
 
 namespace cmpe_se {
 namespace {
@@ -28,39 +29,25 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// ---- launch configuration from the environment (read once; docs/CUDA.md) --------------------
-struct EnvConfig {
-  int threads = 256;   // CMPE_SE_CUDA_THREADS
-  int max_blocks = 0;  // CMPE_SE_CUDA_BLOCKS (0: all co-resident blocks the work can use)
-  int splits = 0;      // CMPE_SE_CUDA_SPLITS (0: heuristic)
-  bool vec = true;     // CMPE_SE_CUDA_VEC=0 forces scalar accesses
-  bool coop = true;    // CMPE_SE_CUDA_COOP=0 launches without the cooperative attribute
-  bool per_sample = false;  // CMPE_SE_CUDA_PATH=per_sample: forward without grid barriers where
-                            // samples are independent (se, double_fc, eval pair modes)
-  bool resident = false;    // CMPE_SE_CUDA_PATH=resident: same modes, one cluster per sample with
-                            // U and X kept in shared memory (kernels/resident.cuh); backward of
-                            // se and double_fc with dY kept (kernels/resident_backward.cuh)
-  int cluster = 0;          // CMPE_SE_CUDA_CLUSTER: resident cluster size (0: heuristic)
-};
-
+// ---- launch options from the environment (read once; docs/CUDA.md) ---------------------------
 int env_int(const char* name, int dflt) {
   const char* v = std::getenv(name);
   return (v && *v) ? std::atoi(v) : dflt;
 }
 
-const EnvConfig& env_config() {
-  static const EnvConfig cfg = [] {
-    EnvConfig c;
-    c.threads = std::min(512, std::max(128, env_int("CMPE_SE_CUDA_THREADS", 256) / 32 * 32));
+const PlanOptions& env_config() {
+  static const PlanOptions cfg = [] {
+    PlanOptions c;
+    c.threads = clamp_threads(env_int("CMPE_SE_CUDA_THREADS", 256));
     c.max_blocks = std::max(0, env_int("CMPE_SE_CUDA_BLOCKS", 0));
     c.splits = std::max(0, env_int("CMPE_SE_CUDA_SPLITS", 0));
     c.vec = env_int("CMPE_SE_CUDA_VEC", 1) != 0;
     c.coop = env_int("CMPE_SE_CUDA_COOP", 1) != 0;
     const char* path = std::getenv("CMPE_SE_CUDA_PATH");
-    c.per_sample = path && std::string(path) == "per_sample";
-    c.resident = path && std::string(path) == "resident";
-    TORCH_CHECK(!path || !*path || c.per_sample || c.resident || std::string(path) == "persistent",
-                "cmpe_se (CUDA): CMPE_SE_CUDA_PATH must be persistent, per_sample or resident, got '", path, "'");
+    const std::string ps = path ? path : "";
+    TORCH_CHECK(ps.empty() || ps == "persistent" || ps == "per_sample" || ps == "resident",
+                "cmpe_se (CUDA): CMPE_SE_CUDA_PATH must be persistent, per_sample or resident, got '", ps, "'");
+    c.path = ps == "per_sample" ? CudaPath::PER_SAMPLE : ps == "resident" ? CudaPath::RESIDENT : CudaPath::PERSISTENT;
     c.cluster = std::max(0, env_int("CMPE_SE_CUDA_CLUSTER", 0));
     TORCH_CHECK(c.cluster == 0 || c.cluster == 1 || c.cluster == 2 || c.cluster == 4 || c.cluster == 8 ||
                     c.cluster == 16,
@@ -131,34 +118,14 @@ int cached_max_clusters(const void* key, int threads, size_t smem, int vec, int 
   return mc;
 }
 
-// Cluster size of the resident forward (0: the shape does not fit; the caller keeps the
-// persistent launch). Smallest power of two whose per-block slices leave room for two blocks per
-// SM, else the smallest that fits at all; clusters above 1 need sm_90. CMPE_SE_CUDA_CLUSTER
-// forces one size (an error if it cannot run).
-template <typename F>
-int choose_cluster(const Geometry& g, const Launch& l, int elem, int acc, int device, const void* key, F&& prepare,
-                   bool backward = false) {
-  const EnvConfig& cfg = env_config();
-  const size_t optin = smem_optin(device);
-  const int major = cc_major(device);
-  const int outer = resident_outer(g);
-  auto usable = [&](int cl, size_t limit) {
-    if (cl > 1 && (major < 9 || cl > outer)) return false;
-    const size_t need = resident_plan(g, acc, elem, l.threads, l.vec, cl, backward).total;
-    if (need + 1024 > limit) return false;  // 1 KB for the kernel's static shared memory
-    return cached_max_clusters(key, l.threads, need, l.vec, cl, device, prepare) >= 1;
-  };
-  if (cfg.cluster > 0) {
-    TORCH_CHECK(usable(cfg.cluster, optin), "cmpe_se (CUDA): CMPE_SE_CUDA_CLUSTER=", cfg.cluster,
-                " cannot run this shape (N=", g.N, ", C=", g.C, ", P=", g.P, "): the slices need ",
-                resident_plan(g, acc, elem, l.threads, l.vec, cfg.cluster, backward).total,
-                " bytes of shared memory per block (device limit ", optin, ", sm_", major, "x)");
-    return cfg.cluster;
-  }
-  for (const size_t limit : {optin / 2, optin})
-    for (int cl = 1; cl <= 16; cl *= 2)
-      if (usable(cl, limit)) return cl;
-  return 0;
+// The planner's view of this device (csrc/cuda/launch_plan.cuh): the attributes it reads.
+DeviceLimits device_limits(int device) {
+  DeviceLimits d{};
+  d.name = "cuda";
+  d.cc_major = cc_major(device);
+  d.sms = sm_count(device);
+  d.smem_optin = smem_optin(device);
+  return d;
 }
 
 // ---- argument checks ---------------------------------------------------------------------
@@ -242,74 +209,24 @@ at::MemoryFormat layout_of(const Tensor& u) {
   return u.suggest_memory_format();
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-// Launch configuration: vector width, persistent grid, splits, shared memory.
-template <typename F>
-Launch make_launch(Geometry& g, bool backward, int elem, int acc, std::initializer_list<const void*> ptrs,
-                   int device, const void* key, bool independent, F&& prepare) {
-  const EnvConfig& cfg = env_config();
-  Launch l{};
-  l.threads = cfg.threads;
-  const int full_vec = 16 / elem;
-  bool ok = cfg.vec;
-  for (const void* p : ptrs) ok = ok && aligned16(p);
-  ok = ok && (g.channels_last ? g.C % full_vec == 0 : g.P % full_vec == 0);
-  l.vec = ok ? full_vec : 1;
-  const int nvc = g.C / l.vec;
-  int cv = 1;
-  while (cv < 32 && cv < nvc) cv *= 2;
-  l.cv = cv;
-  l.gw = 32;
-  l.smem = smem_plan(g, acc, backward, l.threads, l.vec).total;
-  TORCH_CHECK(l.smem <= smem_optin(device), "cmpe_se (CUDA): needs ", l.smem,
-              " bytes of shared memory per block for C=", g.C, " (map ", g.L, ", hidden ", g.Rh,
-              "), more than the device allows (", smem_optin(device), "); use another backend");
-  const int bps = cached_blocks_per_sm(key, l.threads, l.smem, l.vec, device, prepare);
-  TORCH_CHECK(bps >= 1, "cmpe_se (CUDA): kernel cannot be resident with ", l.threads, " threads and ", l.smem,
-              " bytes of shared memory");
-  int grid = bps * sm_count(device);
-  if (cfg.max_blocks > 0) grid = std::min(grid, cfg.max_blocks);
-  // splits of the spatial axis so that the streaming phases fill the grid
-  long long base_items, per_block;
-  int max_s;
-  if (g.channels_last) {
-    base_items = (long long)g.N * ((nvc + cv - 1) / cv);
-    per_block = 1;
-    max_s = std::max(1, g.P / (2 * (l.threads / cv)));
-  } else {
-    const int nv = g.P / l.vec;
-    int gw = 1;
-    while (gw < 32 && gw < nv) gw *= 2;
-    l.gw = gw;  // rows shorter than a warp share one (several rows per warp)
-    base_items = (long long)g.N * g.C;
-    per_block = l.threads / gw;
-    max_s = std::max(1, nv / 64);  // splits only for rows of >= 128 vectors: each keeps gw = 32
-  }
-  int S = cfg.splits > 0 ? cfg.splits : (int)std::min<long long>(max_s, std::max<long long>(1,
-                                                                   ((long long)grid * per_block + base_items - 1) / base_items));
-  S = std::max(1, std::min(S, std::max(1, g.P)));
-  l.splits = S;
-  const long long stream_blocks = (base_items * S + per_block - 1) / per_block;
-  l.blocks = (int)std::max<long long>(1, std::min<long long>(grid, std::max<long long>(stream_blocks, g.N)));
-  l.cooperative = cfg.coop;
-  l.per_sample = false;
-  l.cluster = 0;
-  if (cfg.per_sample && independent && !backward) {  // one block owns whole samples
-    l.per_sample = true;
-    l.splits = 1;
-    l.blocks = std::max(1, std::min(grid, g.N));
-  }
-  return l;
+bool aligned16(std::initializer_list<const void*> ptrs) {
+  bool ok = true;
+  for (const void* p : ptrs) ok = ok && (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+  return ok;
 }
 
-uintptr_t carve(uintptr_t& off, size_t bytes) {
-  const uintptr_t o = off;
-  off += (bytes + 255) / 256 * 256;
-  return o;
+// The launch of one pass from the planner, with the occupancy calculator of this device's kernels.
+template <typename Prep, typename ResPrep>
+Launch plan_or_raise(Geometry& g, bool backward, bool training, int elem, int acc, bool aligned, int device,
+                     const void* key, Prep&& prepare, const void* rkey, ResPrep&& rprepare) {
+  const DeviceLimits d = device_limits(device);
+  const Plan pl = plan_pass(
+      g, backward, training, elem, acc, aligned, env_config(), d,
+      [&](int t, size_t s, int v) { return cached_blocks_per_sm(key, t, s, v, device, prepare); },
+      [&](int t, size_t s, int v, int c) { return cached_max_clusters(rkey, t, s, v, c, device, rprepare); });
+  TORCH_CHECK(pl.ok(), "cmpe_se (CUDA): ", pl.error);
+  return pl.l;
 }
-
-int moment_count_host(int K) { return 1 + 2 * K + K * K; }
 
 template <typename T>
 void launch_forward(const ForwardParams& p, const Launch& l, cudaStream_t s) {
@@ -396,26 +313,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
   const int elem = (int)u.element_size(), accb = (int)c10::elementSize(acc);
   Launch l{};
   CMPE_SE_DISPATCH(u.scalar_type(), "u", {
-    l = make_launch(g, false, elem, accb, {uc.data_ptr(), xc.data_ptr(), y.data_ptr()}, device,
-                    reinterpret_cast<const void*>(&forward_prepare<scalar_t>), !(pair && training),
-                    [](int t, size_t s, int v, int* b) { return forward_prepare<scalar_t>(t, s, v, b); });
-    if (env_config().resident && !(pair && training)) {
-      const int cl = choose_cluster(g, l, elem, accb, device, reinterpret_cast<const void*>(&resident_prepare<scalar_t>),
-                                    [](int t, size_t s, int v, int c, int* m) {
-                                      return resident_prepare<scalar_t>(t, s, v, c, m);
-                                    });
-      if (cl > 0) {  // else the persistent launch above (docs/CUDA.md)
-        l.cluster = cl;
-        l.smem = resident_plan(g, accb, elem, l.threads, l.vec, cl).total;
-        l.splits = 1;
-        l.blocks = 1;  // workspace sizing only: the resident kernel uses no squeeze slots or moments
-        l.cooperative = false;
-      }
-    }
+    l = plan_or_raise(g, false, training, elem, accb, aligned16({uc.data_ptr(), xc.data_ptr(), y.data_ptr()}), device,
+                      reinterpret_cast<const void*>(&forward_prepare<scalar_t>),
+                      [](int t, size_t s, int v, int* b) { return forward_prepare<scalar_t>(t, s, v, b); },
+                      reinterpret_cast<const void*>(&resident_prepare<scalar_t>),
+                      [](int t, size_t s, int v, int c, int* m) { return resident_prepare<scalar_t>(t, s, v, c, m); });
   });
-  uintptr_t off = 256;
-  const uintptr_t o_part = carve(off, (size_t)2 * g.N * l.splits * g.C * accb);
-  const uintptr_t o_stat = carve(off, (size_t)l.blocks * moment_count_host(g.K) * sizeof(double));
+  const ForwardWorkspace wsp = forward_workspace(g, l, accb);
+  const size_t off = wsp.total;
   Tensor ws = at::empty({(int64_t)off}, u.options().dtype(at::kByte));
   auto* base = static_cast<unsigned char*>(ws.data_ptr());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
@@ -445,8 +350,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
   p.bn_mean = bn_mean.data_ptr();
   p.bn_invstd = bn_invstd.data_ptr();
   p.counter = reinterpret_cast<unsigned*>(base);
-  p.part = base + o_part;
-  p.stat_part = base + o_stat;
+  p.part = base + wsp.part;
+  p.stat_part = base + wsp.stat;
   CMPE_SE_DISPATCH(u.scalar_type(), "u", { launch_forward<scalar_t>(p, l, stream); });
   return {y, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd};
 }
@@ -517,35 +422,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   const int elem = (int)u.element_size(), accb = (int)c10::elementSize(acc);
   Launch l{};
   CMPE_SE_DISPATCH(u.scalar_type(), "u", {
-    l = make_launch(g, true, elem, accb, {uc.data_ptr(), dyc.data_ptr(), grad_u.data_ptr(), grad_x.data_ptr()},
-                    device, reinterpret_cast<const void*>(&backward_prepare<scalar_t>), false,
-                    [](int t, size_t s, int v, int* b) { return backward_prepare<scalar_t>(t, s, v, b); });
-    if (env_config().resident && (mode == Mode::SE || mode == Mode::DOUBLE_FC)) {
-      const int cl = choose_cluster(g, l, elem, accb, device,
-                                    reinterpret_cast<const void*>(&resident_backward_prepare<scalar_t>),
-                                    [](int t, size_t s, int v, int c, int* m) {
-                                      return resident_backward_prepare<scalar_t>(t, s, v, c, m);
-                                    }, true);
-      if (cl > 0) {  // else the persistent launch above (docs/CUDA.md)
-        l.cluster = cl;
-        l.smem = resident_plan(g, accb, elem, l.threads, l.vec, cl, true).total;
-        l.splits = 1;
-        l.blocks = 1;  // workspace sizing only
-        l.cooperative = false;
-      }
-    }
+    l = plan_or_raise(g, true, training, elem, accb,
+                      aligned16({uc.data_ptr(), dyc.data_ptr(), grad_u.data_ptr(), grad_x.data_ptr()}), device,
+                      reinterpret_cast<const void*>(&backward_prepare<scalar_t>),
+                      [](int t, size_t s, int v, int* b) { return backward_prepare<scalar_t>(t, s, v, b); },
+                      reinterpret_cast<const void*>(&resident_backward_prepare<scalar_t>),
+                      [](int t, size_t s, int v, int c, int* m) {
+                        return resident_backward_prepare<scalar_t>(t, s, v, c, m);
+                      });
   });
-  uintptr_t off = 256;
-  const size_t NC = (size_t)g.N * g.C;
-  const uintptr_t o_gpart = carve(off, NC * l.splits * accb);
-  const uintptr_t o_dg = carve(off, NC * accb);
-  const uintptr_t o_dhp = carve(off, (size_t)g.N * g.Rh * accb);
-  const uintptr_t o_z = carve(off, (size_t)g.N * g.L * accb);
-  const uintptr_t o_dv = carve(off, (size_t)g.N * g.L * accb);
-  const uintptr_t o_dudx = carve(off, 2 * NC * accb);
-  const uintptr_t o_dq = carve(off, mode == Mode::FOLDED_3X3 ? (size_t)l.blocks * g.L * g.K * accb : 0);
-  const uintptr_t o_part1 = carve(off, (size_t)l.blocks * moment_count_host(g.K) * sizeof(double));
-  const uintptr_t o_fin = carve(off, (size_t)(g.e + 1) * sizeof(double));
+  const BackwardWorkspace wsp = backward_workspace(g, l, accb);
+  const size_t off = wsp.total;
   Tensor ws = at::empty({(int64_t)off}, u.options().dtype(at::kByte));
   auto* base = static_cast<unsigned char*>(ws.data_ptr());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
@@ -577,15 +464,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   p.d_bn_w = d_bn_w.data_ptr();
   p.d_bn_b = d_bn_b.data_ptr();
   p.counter = reinterpret_cast<unsigned*>(base);
-  p.gpart = base + o_gpart;
-  p.dg = base + o_dg;
-  p.dhp = base + o_dhp;
-  p.zbuf = base + o_z;
-  p.dv = base + o_dv;
-  p.dudx = base + o_dudx;
-  p.dq = base + o_dq;
-  p.part1 = base + o_part1;
-  p.fin = base + o_fin;
+  p.gpart = base + wsp.gpart;
+  p.dg = base + wsp.dg;
+  p.dhp = base + wsp.dhp;
+  p.zbuf = base + wsp.z;
+  p.dv = base + wsp.dv;
+  p.dudx = base + wsp.dudx;
+  p.dq = base + wsp.dq;
+  p.part1 = base + wsp.part1;
+  p.fin = base + wsp.fin;
   CMPE_SE_DISPATCH(u.scalar_type(), "u", { launch_backward<scalar_t>(p, l, stream); });
   return {grad_u, grad_x, d_fc1, d_fc1_id, d_fc2, d_pair, d_bn_w, d_bn_b};
 }

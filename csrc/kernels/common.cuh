@@ -30,6 +30,16 @@
 #endif
 #endif
 
+// Access tracing of the host emulator (tests/emulator: bytes moved, coalescing): every global
+// access of a full-size tensor goes through load_raw / load_vec / store_vec below. On the GPU the
+// hook is empty and the helpers are __forceinline__ as always (no change to the generated code).
+#ifndef CMPE_SE_TRACE_GLOBAL
+#define CMPE_SE_TRACE_GLOBAL(ptr, bytes, is_store) ((void)0)
+#endif
+#ifndef CMPE_SE_VEC_INLINE
+#define CMPE_SE_VEC_INLINE __forceinline__
+#endif
+
 namespace cmpe_se {
 
 // ---- dtypes --------------------------------------------------------------------------------
@@ -79,7 +89,8 @@ struct alignas(sizeof(T) * V) Vec {
 };
 
 template <typename T, int V>
-__device__ __forceinline__ void load_vec(const T* p, acc_t<T> (&out)[V]) {
+__device__ CMPE_SE_VEC_INLINE void load_vec(const T* p, acc_t<T> (&out)[V]) {
+  CMPE_SE_TRACE_GLOBAL(p, sizeof(T) * V, false);
   Vec<T, V> r = *reinterpret_cast<const Vec<T, V>*>(p);
 #pragma unroll
   for (int j = 0; j < V; ++j) out[j] = to_acc(r.v[j]);
@@ -87,12 +98,14 @@ __device__ __forceinline__ void load_vec(const T* p, acc_t<T> (&out)[V]) {
 
 // Raw load (kept in the input dtype until used: half the registers for 16-bit inputs).
 template <typename T, int V>
-__device__ __forceinline__ Vec<T, V> load_raw(const T* p) {
+__device__ CMPE_SE_VEC_INLINE Vec<T, V> load_raw(const T* p) {
+  CMPE_SE_TRACE_GLOBAL(p, sizeof(T) * V, false);
   return *reinterpret_cast<const Vec<T, V>*>(p);
 }
 
 template <typename T, int V>
-__device__ __forceinline__ void store_vec(T* p, const acc_t<T> (&in)[V]) {
+__device__ CMPE_SE_VEC_INLINE void store_vec(T* p, const acc_t<T> (&in)[V]) {
+  CMPE_SE_TRACE_GLOBAL(p, sizeof(T) * V, true);
   Vec<T, V> r;
 #pragma unroll
   for (int j = 0; j < V; ++j) r.v[j] = from_acc<T>(in[j]);
