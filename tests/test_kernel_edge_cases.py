@@ -4,7 +4,7 @@
   as in ``nn.BatchNorm2d`` and the reference, and reach ``running_var`` (a clamp written
   ``v > 0 ? v : 0`` maps NaN to 0 and hides the divergence in the buffers). CPU kernel here; the
   Triton kernel in its interpreter (a fresh process with ``TRITON_INTERPRET=1``); the CUDA kernel
-  in the CPU emulator of ``tests/test_cuda.py``.
+  in the CPU emulator (``tests/emulator``).
 * Broadcast (stride-0) and strided upstream gradients (``y.sum().backward()``, ``y.sum((2, 3))``,
   ``y.sum(0)``, a slice of ``torch.cat``): values against the float64 reference, and the CPU
   backward must read them in place rather than materialise a full-size copy.
@@ -113,21 +113,24 @@ def test_triton_nonfinite_batch_variance_reaches_running_var():
 
 
 @pytest.mark.slow
-def test_cuda_kernel_nonfinite_batch_variance_in_emulator(tmp_path):
-    """The CUDA forward (csrc/kernels/forward.cuh) in the host emulator of tests/test_cuda.py."""
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no host C++ compiler")
-    from test_cuda import _emulator
+def test_cuda_kernel_nonfinite_batch_variance_in_emulator():
+    """The CUDA forward (csrc/kernels/forward.cuh) in the host emulator (tests/emulator)."""
+    import emulator
 
-    emu = _emulator(str(tmp_path))
+    if not emulator.have_compiler():
+        pytest.skip("no host C++ compiler")
+    emu = emulator.build()
     for mode in ("pair_1x1", "folded_3x3"):
         for kind in ("nan", "overflow"):
             rm_ref, rv_ref = _running_stats_after_one_step("reference", mode, kind)
             u, x = _poisoned(kind)
             w, stats = _layer_args(mode, u.shape[1], u.dtype)
+            launch = emulator.explicit(mode, tuple(u.shape), u.dtype, threads=64, blocks=2, splits=1, vec=1,
+                                       pair_filters=w["pair_weight"].shape[0],
+                                       reduction=u.shape[1] // w["fc1_weight"].shape[0])
             emu.emu_forward(u, x, w["fc1_weight"], None, w["fc2_weight"], w["pair_weight"], w["bn_weight"],
                             w["bn_bias"], stats["running_mean"], stats["running_var"], mode, True, 0.1, 1e-5, 8, 0,
-                            False, 64, 2, 1, 1, 0)
+                            False, emulator._lvec(launch))
             _same_nonfinite(stats["running_var"], rv_ref, f"cuda {mode}/{kind} running_var")
             _same_nonfinite(stats["running_mean"], rm_ref, f"cuda {mode}/{kind} running_mean")
 
