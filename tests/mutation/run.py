@@ -18,6 +18,7 @@ from the working tree (tracked and untracked-but-not-ignored files) at every sta
 
 Kinds (what a mutant of each kind rebuilds and runs):
   cpu     csrc/cpu/*            rebuild _C in the scratch copy; tests/test_cpu_kernels.py, test_ops.py
+                                (-k "not compile and not baseline_isa")
   emu     csrc/kernels/*.cuh    nothing to prebuild; tests/test_cuda.py -k emulated (the emulator)
   triton  cmpe_se_fused/*triton* nothing; tests/test_triton.py under TRITON_INTERPRET=1
 
@@ -40,7 +41,10 @@ sys.path.insert(0, HERE)
 from mutants import MUTANTS  # noqa: E402
 
 KINDS = {
-    "cpu": {"tests": ["test_cpu_kernels.py", "test_ops.py"], "args": [], "env": {}},
+    # (not the torch.compile tests, nor the baseline-ISA rerun in a subprocess: slow, and they test the
+    # op layer / the build, not the kernel arithmetic, which both ISA builds share)
+    "cpu": {"tests": ["test_cpu_kernels.py", "test_ops.py"], "args": ["-k", "not compile and not baseline_isa"],
+            "env": {}},
     "emu": {"tests": ["test_cuda.py"], "args": ["-k", "emulated"], "env": {}},
     "triton": {"tests": ["test_triton.py"], "args": ["-m", "not slow"], "env": {"TRITON_INTERPRET": "1"}},
 }
