@@ -195,13 +195,17 @@ VARIANT_CASES = [  # (mode, training, variant): every variant in both modes of B
 ]
 
 
+# seed 0 leaves a sample with every hidden unit dead (all excitation gradients 0) in these
+VARIANT_SEEDS = {("double_fc", "batch1_7x7"): 1, ("se", "sliced_strides"): 1, ("pair_2x1", "tiny_c1"): 2}
+
+
 @pytest.mark.parametrize("mode,training,variant", VARIANT_CASES,
                          ids=[f"{m}-{'train' if t else 'eval'}-{v}" for m, t, v in VARIANT_CASES])
 def test_variants(mode, training, variant):
     kw, tune = VARIANTS[variant]
     kw = dict(kw)
     shape = kw.pop("shape")
-    case = Case(mode, shape, torch.float32, training=training, **kw)
+    case = Case(mode, shape, torch.float32, training=training, seed=VARIANT_SEEDS.get((mode, variant), 0), **kw)
     bwd_tune = {k: v for k, v in tune.items() if k != "single_launch"}
     _check(case, tune, bwd_tune)
 
@@ -243,7 +247,7 @@ def test_training_needs_two_values():
 @pytest.mark.parametrize("mode", ["pair_2x1", "folded_3x3"])
 def test_eps_and_momentum(mode, training):
     """eps and momentum are the arguments (not 1e-5 and 0.1): BN statistics, running statistics."""
-    _check(Case(mode, (3, 16, 2, 3), torch.float32, training=training, momentum=0.35, eps=0.3))
+    _check(Case(mode, (3, 16, 2, 3), torch.float32, training=training, momentum=0.35, eps=0.3, seed=2))
 
 
 class _TritonLayer(torch.autograd.Function):

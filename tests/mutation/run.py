@@ -22,7 +22,7 @@ Kinds (what a mutant of each kind rebuilds and runs):
   emu     csrc/kernels/*.cuh    nothing to prebuild; tests/test_cuda.py -k emulated (the emulator)
   triton  cmpe_se_fused/*triton* nothing; tests/test_triton.py under TRITON_INTERPRET=1
 
-A mutant is CAUGHT when the tests fail (or hang past --timeout), MISSED when they pass, and
+A mutant is CAUGHT when the tests fail (or crash, or hang past --timeout), MISSED when they pass, and
 BUILD-ERROR when it does not compile (a stillborn mutant, not counted). Before any mutant, the
 unmutated sources must pass the same tests (the baseline), else the tool stops.
 """
@@ -140,7 +140,10 @@ def run_tests(scratch, kind, env, tests_dir, timeout):
         return "timeout", time.time() - t0, f"no result after {timeout} s"
     out = res.stdout + res.stderr
     first = next((ln.strip() for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR"))), "")
-    status = {0: "pass", 1: "fail"}.get(res.returncode, f"error{res.returncode}")
+    # a crash (killed by a signal: a mutant writing out of bounds) is a failure the tests showed
+    status = "fail" if res.returncode < 0 else {0: "pass", 1: "fail"}.get(res.returncode, f"error{res.returncode}")
+    if res.returncode < 0:
+        return status, time.time() - t0, f"crashed (signal {-res.returncode})"
     if status.startswith("error"):
         first = out.strip().splitlines()[-1] if out.strip() else ""
     return status, time.time() - t0, first or (out.strip().splitlines()[-1] if out.strip() else "")
@@ -237,7 +240,9 @@ def main():
                 raise SystemExit("the unmutated sources must pass the tests first")
 
     results = []
-    for m in sorted(mutants, key=lambda m: (list(KINDS).index(m.kind), m.file)):
+    # cheapest rebuilds first: the torch-free kernel headers, then forward.cpp / backward.cpp
+    cost = lambda m: (list(KINDS).index(m.kind), not m.file.endswith("_impl.h"), m.file)  # noqa: E731
+    for m in sorted(mutants, key=cost):
         apply(scratch, m, True)
         row = {"id": m.id, "kind": m.kind, "file": m.file, "why": m.why}
         try:
