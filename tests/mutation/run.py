@@ -46,7 +46,9 @@ KINDS = {
     "cpu": {"tests": ["test_cpu_kernels.py", "test_ops.py"], "args": ["-k", "not compile and not baseline_isa"],
             "env": {}},
     "emu": {"tests": ["test_cuda.py"], "args": ["-k", "emulated"], "env": {}},
-    "triton": {"tests": ["test_triton.py"], "args": ["-m", "not slow"], "env": {"TRITON_INTERPRET": "1"}},
+    # (the interpreter is slow: the arithmetic tests only, not opcheck / determinism / the tuning sweep)
+    "triton": {"tests": ["test_triton.py"], "args": ["-m", "not slow", "-k", "not opcheck and not sweep_configs and "
+                                                     "not deterministic"], "env": {"TRITON_INTERPRET": "1"}},
 }
 SKIP_PARTS = {".git", ".venv", "build", "__pycache__", ".pytest_cache"}
 
