@@ -32,11 +32,11 @@ MOMENTUM, EPS = 0.1, 1e-5
 
 
 def make_args(mode, dtype, training, *, shape=(4, 24, 5, 7), channels_last=False, fold_width=8, padding=0, seed=0,
-              stat_dtype=torch.float32):
+              stat_dtype=torch.float32, reduction=4, momentum=MOMENTUM, eps=EPS):
     """Op arguments in the kernel's dtype: activations in ``dtype``, weights in its acc dtype."""
     _n, c, _h, _w = shape
     acc = acc_dtype(dtype)
-    p = make_params(mode, c, fold_width=fold_width, padding=padding, dtype=acc, seed=seed)
+    p = make_params(mode, c, reduction=reduction, fold_width=fold_width, padding=padding, dtype=acc, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     u = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) + 0.5).to(dtype)
@@ -46,7 +46,7 @@ def make_args(mode, dtype, training, *, shape=(4, 24, 5, 7), channels_last=False
     rm = p["running_mean"].to(stat_dtype) if mode in PAIR_MODES else empty
     rv = p["running_var"].to(stat_dtype) if mode in PAIR_MODES else empty.clone()
     return [u, x, p["fc1_weight"], p.get("fc1_identity_weight"), p["fc2_weight"], p.get("pair_weight"),
-            p.get("bn_weight"), p.get("bn_bias"), rm, rv, mode, training, MOMENTUM, EPS, fold_width, padding]
+            p.get("bn_weight"), p.get("bn_bias"), rm, rv, mode, training, momentum, eps, fold_width, padding]
 
 
 def to64(args):
@@ -97,6 +97,17 @@ def check_all(mode, dtype, training, **kw):
         if o.numel():
             assert_close_rule(o, r, e, name=f"backward {name}", atol_floor=floor)
     assert mine_b[0].stride() == mine_b[1].stride() == torch.empty_like(args[0]).stride()
+    assert_not_degenerate(ref, ref_b)
+
+
+def assert_not_degenerate(ref, ref_b):
+    """A comparison of zeros proves nothing: every sample must have a live hidden unit and every
+    gradient under comparison a non-zero entry (a dead ReLU layer zeroes all excitation gradients)."""
+    hidden = ref[4]
+    assert (hidden > 0).any(dim=1).all(), "degenerate case: a sample has an all-zero hidden layer (pick another seed)"
+    for name, r in zip(BWD_NAMES, ref_b):
+        if r.numel():
+            assert r.abs().max() > 0, f"degenerate case: {name} is all zero (pick another seed)"
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
@@ -113,8 +124,9 @@ ODD_SHAPES = {
     "7x7": {"shape": (2, 24, 7, 7)},
     "c20_tail": {"shape": (3, 20, 3, 5), "fold_width": 4},
     "c40_wide": {"shape": (2, 40, 6, 6), "fold_width": 10},
-    "pad1": {"shape": (2, 24, 5, 3), "padding": 1},
-    "pad1_thin": {"shape": (2, 8, 3, 3), "fold_width": 8, "padding": 1},
+    # seeds: the first with a live hidden unit in every sample, in every mode (see assert_not_degenerate)
+    "pad1": {"shape": (2, 24, 5, 3), "padding": 1, "seed": 2},
+    "pad1_thin": {"shape": (2, 8, 3, 3), "fold_width": 8, "padding": 1, "seed": 16},
 }
 
 
@@ -127,6 +139,66 @@ def test_odd_shapes(mode, case, channels_last):
         ((True, torch.float32), (False, torch.bfloat16))
     for training, dtype in combos:
         check_all(mode, dtype, training, channels_last=channels_last, **kw)
+
+
+# Shapes that reach every loop of the kernels (csrc/cpu/stream_impl.h, small_impl.h). Vector width L:
+# 8 (fp32, bf16, fp16) or 4 (fp64) elements; NCHW rows of P pixels: blocks of 4 vectors, single
+# vectors, scalar tail; channels_last rows of C channels: chunks of 8 vectors, single vectors,
+# scalar tail, in row blocks of 32 pixels; the pair-view map rows (width Wo) and the fc layers: same
+# vector / tail split. Per case: what it reaches in fp32 / fp64.
+BRANCH_SHAPES = {
+    # C, P below L: scalar tails only; map 2x1
+    "c6_p3": {"shape": (3, 6, 1, 3), "fold_width": 3, "reduction": 2, "seed": 7},
+    # C = P = L (fp32): one vector, no tail; fp64: two vectors; map 2x2
+    "c8_p8": {"shape": (2, 8, 2, 4), "fold_width": 4, "reduction": 2, "seed": 1},
+    # C = 12: fp32 one vector + tail 4; P = 21: fp32 2 vectors + tail 5, fp64 one block of 4 + 1 + tail 1
+    "c12_p21": {"shape": (3, 12, 3, 7), "fold_width": 4, "reduction": 2},
+    # C = 64: exactly one chunk of 8 vectors (fp32), two (fp64); P = 32: one row block, 4L blocks only;
+    # map 6x14: vector + tail
+    "c64_p32": {"shape": (2, 64, 4, 8), "fold_width": 16},
+    # C = 78: a chunk + single vectors + tail (fp32 9 vectors + 6, fp64 19 + 2); P = 35: two row blocks
+    # (channels_last), 4L blocks + tail (NCHW); map 10x11: vector + tail
+    "c78_p35": {"shape": (2, 78, 5, 7), "fold_width": 13},
+}
+
+
+# fp32 and fp64 (the two vector widths) in every shape; the 16-bit types share fp32's loops and differ
+# in their vector and scalar conversions, reached by the shapes with a vector path and a tail on both axes
+BRANCH_CASES = [(case, dt) for case in BRANCH_SHAPES for dt in (torch.float32, torch.float64)] + \
+    [(case, dt) for case in ("c12_p21", "c78_p35") for dt in (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("case,dtype", BRANCH_CASES, ids=[f"{c}-{str(d)[6:]}" for c, d in BRANCH_CASES])
+@pytest.mark.parametrize("mode", MODES)
+def test_vector_paths_and_tails(mode, case, dtype, channels_last):
+    for training in (True, False):
+        check_all(mode, dtype, training, channels_last=channels_last, **BRANCH_SHAPES[case])
+
+
+PAD1_SHAPES = {  # folded_3x3 with padding=1: the padded fold (rows and columns) in both directions
+    "c24_fold8": {"shape": (3, 24, 5, 3), "fold_width": 8, "seed": 1},
+    "c8_fold8_thin": {"shape": (3, 8, 3, 3), "fold_width": 8, "reduction": 2},
+    "c78_fold13": {"shape": (2, 78, 5, 7), "fold_width": 13},
+    "c12_fold3": {"shape": (2, 12, 2, 2), "fold_width": 3, "reduction": 2},
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(PAD1_SHAPES))
+def test_padding1(case, dtype, channels_last):
+    for training in (True, False):
+        check_all("folded_3x3", dtype, training, channels_last=channels_last, padding=1, **PAD1_SHAPES[case])
+
+
+@pytest.mark.parametrize("eps,momentum", [(0.3, 0.35), (1e-3, 1.0), (2.0, 0.0)], ids=["eps0.3-m0.35", "m1", "m0"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("mode", PAIR_MODES)
+def test_eps_and_momentum(mode, training, eps, momentum):
+    """eps and momentum are the arguments, not 1e-5 and 0.1 (both layouts, fp32 and fp64)."""
+    for dtype, cl in ((torch.float32, False), (torch.float64, True)):
+        check_all(mode, dtype, training, channels_last=cl, eps=eps, momentum=momentum, shape=(3, 24, 3, 5))
 
 
 def test_n1_training_pair_modes():

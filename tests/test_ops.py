@@ -4,6 +4,8 @@ Runs through the compiled CPU backend (``cmpe_se::forward/backward`` on CPU tens
 a reason when ``cmpe_se_fused._C`` is not built. (Under Triton's interpreter, fake-tensor
 tracing of Triton ops breaks, so the Triton kernels are tested by direct calls in
 ``test_triton.py``.)"""
+import copy
+
 import pytest
 import torch
 from conftest import make_params
@@ -96,39 +98,94 @@ def test_deterministic(mode, training):
         assert torch.equal(a, b)
 
 
+def _grads(module, inputs):
+    """Gradients of the inputs and of every parameter, by name."""
+    out = {f"input{i}": t.grad for i, t in enumerate(inputs)}
+    out.update({name: p.grad for name, p in module.named_parameters()})
+    return out
+
+
+def _assert_grads_close(got, want, rtol, atol):
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name] is not None and want[name] is not None, f"{name}: no gradient"
+        assert want[name].abs().max() > 0, f"{name}: the reference gradient is all zero (degenerate case)"
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
 @needs_c
 @pytest.mark.parametrize("mode", MODES)
 def test_compile_module_fullgraph(mode):
+    """The compiled module (aot_eager) gives the reference's output, running statistics and the
+    gradients of both inputs and of every weight."""
     torch._dynamo.reset()
+    torch.manual_seed(0)
     m = CMPESE(32, mode=mode, fold_width=8, reduction=8, backend="cpu")
     ref = CMPESEReference(32, mode=mode, fold_width=8, reduction=8)
     ref.load_state_dict(m.state_dict())
     cm = torch.compile(m, fullgraph=True, backend="aot_eager")
-    u = torch.randn(4, 32, 3, 3, requires_grad=True)
-    x = torch.randn(4, 32, 3, 3, requires_grad=True)
-    y = cm(u, x)
-    y_ref = ref(u, x)
+    inputs = [torch.randn(4, 32, 3, 3, requires_grad=True), torch.randn(4, 32, 3, 3, requires_grad=True)]
+    ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    y = cm(*inputs)
+    y_ref = ref(*ref_inputs)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    y.sum().backward()
-    gu = u.grad.clone()
-    u.grad = None
-    y_ref.sum().backward()
-    torch.testing.assert_close(gu, u.grad, rtol=1e-5, atol=1e-5)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    y_ref.backward(gy)
+    _assert_grads_close(_grads(m, inputs), _grads(ref, ref_inputs), rtol=1e-4, atol=1e-5)
     if mode in PAIR_MODES:  # the mutation of the running stats survives functionalization
         torch.testing.assert_close(m.pair_bn.running_mean, ref.pair_bn.running_mean)
+        torch.testing.assert_close(m.pair_bn.running_var, ref.pair_bn.running_var)
         assert int(m.pair_bn.num_batches_tracked) == 1
 
 
 @needs_c
 def test_compile_resnet_block_inductor():
+    """A network block through inductor: output, input gradient and every weight gradient equal the
+    eager block's (same backend, same weights)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     block = PreActBasicBlock(16, 32, 2, "folded_3x3", {"backend": "cpu", "reduction": 8}, fold_width=8)
+    eager = copy.deepcopy(block)
     cblock = torch.compile(block, fullgraph=True)
     x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    x_eager = x.detach().clone().requires_grad_(True)
     y = cblock(x)
-    y.sum().backward()
-    torch.testing.assert_close(y, block(x), rtol=1e-4, atol=1e-4)
+    y_eager = eager(x_eager)
+    torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-4)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    y_eager.backward(gy)
+    _assert_grads_close(_grads(block, [x]), _grads(eager, [x_eager]), rtol=1e-4, atol=1e-4)
+    for (name, a), b in zip(block.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@needs_c
+@pytest.mark.parametrize("mode", PAIR_MODES)
+def test_bn_momentum_none_and_eps_through_module(mode):
+    """``bn_momentum=None`` (cumulative average) and a non-default eps, over three training steps
+    and one evaluation step: outputs, gradients and running statistics as the reference."""
+    torch.manual_seed(0)
+    m = CMPESE(32, mode=mode, fold_width=8, reduction=4, pair_filters=3, bn_eps=0.25, bn_momentum=None,
+               backend="cpu").double()
+    ref = CMPESEReference(32, mode=mode, fold_width=8, reduction=4, pair_filters=3, bn_eps=0.25,
+                          bn_momentum=None).double()
+    ref.load_state_dict(m.state_dict())
+    for step in range(4):
+        m.train(step < 3)
+        ref.train(step < 3)
+        inputs = [(torch.randn(3, 32, 2, 3, dtype=torch.float64) + step).requires_grad_(True) for _ in range(2)]
+        ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+        y, y_ref = m(*inputs), ref(*ref_inputs)
+        torch.testing.assert_close(y, y_ref)
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+        _assert_grads_close(_grads(m, inputs), _grads(ref, ref_inputs), rtol=1e-7, atol=1e-9)
+        m.zero_grad()
+        ref.zero_grad()
+        for name, b in ref.named_buffers():
+            torch.testing.assert_close(dict(m.named_buffers())[name], b, msg=lambda s, n=name: f"step {step} {n}: {s}")
 
 
 @needs_c
