@@ -100,8 +100,8 @@ def coalescing_rows(stages=STAGES, layouts=("nchw", "channels_last"), dtype_name
 
     dtype = getattr(torch, dtype_name)
     # the planner on an emulated device with H100 shared memory (the resident slices at full
-    # sample size) but 2 SMs (a few blocks of OS threads)
-    dev = E.EmuDevice(smem_optin=232448, smem_per_sm=233472, max_threads_per_sm=256)
+    # sample size) and 8 SMs of 2 blocks: enough for a cluster of 16 (WRN-28-10 stage 1 fp32)
+    dev = E.EmuDevice(sms=8, smem_optin=232448, smem_per_sm=233472, max_threads_per_sm=256)
     rows = []
     for net, stage, c, h in stages:
         shape = (1, c, h, h)
@@ -192,17 +192,30 @@ def _smem_resident(c, p, rh, backward, threads, vec, cl, elem, acc=4):
     return up(x + elem * sl)
 
 
-def occupancy_rows(resources: dict | None, arch="sm_90", threads=256):
+def occupancy_rows(resources: dict | None, archs=("sm_90", "sm_80"), threads=256):
     """Blocks per SM and bytes in flight per SM of the streaming loops, per main kernel, on each
-    device of the architecture, against Little's law."""
+    device of each architecture (sm_90: H100, H200; sm_80: A100, when the build has sm_80 code),
+    against Little's law."""
     rows = []
-    devs = {k: v for k, v in device_limits().items() if (v["cc"] == 9) == (arch == "sm_90")}
+    for arch in archs:
+        if arch != "sm_90" and arch not in (resources or {}):
+            continue
+        rows += _occupancy_arch(resources, arch, threads)
+    return rows
+
+
+def _occupancy_arch(resources, arch, threads):
+    rows = []
+    devs = {k: v for k, v in device_limits().items() if v["cc"] == int(arch[3])}
     kernels = (resources or {}).get(arch, {})
 
     def regs_of(prefix, vec_tag):
         for k, v in kernels.items():
             if k.startswith(prefix + "<float, " + vec_tag + ">"):
-                return v["REG"], v.get("SHARED", 0)
+                static = v.get("SHARED", 0)
+                if arch.startswith("sm_9") and static >= 1024:
+                    static -= 1024  # sm_90 builds report the system's 1 KB reserve (the model adds it)
+                return v["REG"], static
         return None, None
 
     # (kernel, phase, tensors loaded per unrolled step, C, H, backward, resident)
@@ -216,6 +229,8 @@ def occupancy_rows(resources: dict | None, arch="sm_90", threads=256):
     for dname, d in devs.items():
         need = d["copy_gbps"] * 1e9 * d["latency_ns"] * 1e-9 / d["sms"]  # bytes in flight per SM (Little)
         for kname, phase, tensors, backward, resident in loops:
+            if resident and d["cc"] < 9:
+                continue  # without clusters a WRN stage-1 sample does not fit one block: persistent
             regs, static = regs_of(kname, "4")
             if regs is None:
                 rows.append({"device": dname, "kernel": kname + "<float, 4>", "phase": phase, "regs": None,

@@ -88,6 +88,9 @@ def test_streaming_phases_are_coalesced():
     phases = {(r["layout"], r["kernel"].split("(")[0], r["pass"], r["phase"]) for r in rows}
     for layout in ("nchw", "channels_last"):
         assert (layout, "persistent", "fwd", "squeeze") in phases and (layout, "resident", "fwd", "load") in phases
+    for layout in ("nchw", "channels_last"):  # WRN-28-10 stage 1 runs on a cluster (CL=16 at fp32)
+        assert any(r["kernel"] == "resident(CL=16)" and r["shape"].startswith("wrn28-10/s1") and r["layout"] == layout
+                   for r in rows), layout
     bad = [r for r in rows if not r["ok"]]
     assert not bad, "\n".join(f"{r['shape']} {r['layout']} {r['kernel']} {r['pass']} {r['phase']}: "
                               f"{100 * r['efficiency']:.1f}%" for r in bad)
