@@ -416,7 +416,7 @@ def main(argv=None) -> int:
         rows = occupancy_rows(res if not why else None)
         note = f" (registers unavailable: {why})" if why else ""
         parts.append("### Occupancy and bytes in flight (WRN-28-10 stage 1, fp32, 256 threads)" + note + "\n\n"
-                     "Blocks per SM from the built extension's registers (cuobjdump, sm_90) and the public limits "
+                     "Blocks per SM from the built extension's registers (cuobjdump, sm_90 and sm_80) and the public limits "
                      "in `csrc/cuda/launch_plan.cuh`; bytes in flight per SM = blocks x threads x kUnroll (4) x "
                      "tensors x 16 B; Little's law: copy bandwidth x DRAM latency / SMs.\n\n" + occupancy_table(rows))
         failures += [f"occupancy: {r['device']} {r['kernel']} {r['phase']} {r['inflight']} < {r['need']:.0f} B"
