@@ -88,6 +88,9 @@ def test_streaming_phases_are_coalesced():
     phases = {(r["layout"], r["kernel"].split("(")[0], r["pass"], r["phase"]) for r in rows}
     for layout in ("nchw", "channels_last"):
         assert (layout, "persistent", "fwd", "squeeze") in phases and (layout, "resident", "fwd", "load") in phases
+    for layout in ("nchw", "channels_last"):  # WRN-28-10 stage 1 runs on a cluster (CL=16 at fp32)
+        assert any(r["kernel"] == "resident(CL=16)" and r["shape"].startswith("wrn28-10/s1") and r["layout"] == layout
+                   for r in rows), layout
     bad = [r for r in rows if not r["ok"]]
     assert not bad, "\n".join(f"{r['shape']} {r['layout']} {r['kernel']} {r['pass']} {r['phase']}: "
                               f"{100 * r['efficiency']:.1f}%" for r in bad)
@@ -167,12 +170,13 @@ def test_streaming_loops_keep_enough_bytes_in_flight():
 # ---- model -------------------------------------------------------------------------------------
 
 def test_model_is_calibrated_on_the_committed_run():
-    cal = GE.calibrate()
-    if cal is None:
-        pytest.skip("no committed H200 run")
-    a, b, bw, n = cal
-    assert n >= 4 and 0 < a < 100 and b >= 0 and bw == pytest.approx(4247.1, abs=1)
-    rows, _ = GE.model_rows()
+    for pas in ("fwd", "bwd"):
+        cal = GE.calibrate(pass_=pas)
+        if cal is None:
+            pytest.skip("no committed H200 run")
+        a, b, bw, n = cal
+        assert n >= 4 and 0 < a < 300 and b >= 0 and bw == pytest.approx(4247.1, abs=1)
+    rows, cal = GE.model_rows()
     text = GE.model_table(rows, cal)
     assert "MODEL (not a measurement)" in text
     by = {(r["shape"], r["dtype"], r["pass"], r["provider"]): r["model_us"] for r in rows}
@@ -180,6 +184,13 @@ def test_model_is_calibrated_on_the_committed_run():
     for (shape, dt, pas, prov), t in by.items():
         if prov == "cuda":
             assert by[(shape, dt, pas, "cuda@resident")] < t
+    # the forward fit (CUDA-graph times) reproduces the run it was fitted on within 25% at the
+    # targets; the backward has only host-bound medians in that run (about 210-260 us at every
+    # size), so its fit is weak and not checked here (docs/CUDA.md says so)
+    rows_m, _ = GE.model_rows(measured_dir=GE.H200_RUN)
+    for r in rows_m:
+        if r["provider"] == "cuda" and r["measured_us"] and r["pass"] == "fwd":
+            assert r["model_us"] == pytest.approx(r["measured_us"], rel=0.25), r
 
 
 # ---- gpu_check.sh ------------------------------------------------------------------------------
