@@ -351,11 +351,11 @@ def test_backend_env_var_named_in_errors(monkeypatch):
 def test_info_flags_invalid_backend_env(monkeypatch, capsys):
     from cmpe_se_fused import info
     monkeypatch.setenv("CMPE_SE_BACKEND", "bogus")
-    info.main()
+    info.main([])
     line = next(s for s in capsys.readouterr().out.splitlines() if "CMPE_SE_BACKEND" in s)
     assert "invalid" in line and "auto" in line and "reference" in line, line
     monkeypatch.setenv("CMPE_SE_BACKEND", "reference")
-    info.main()
+    info.main([])
     line = next(s for s in capsys.readouterr().out.splitlines() if "CMPE_SE_BACKEND" in s)
     assert "invalid" not in line, line
 
