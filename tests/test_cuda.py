@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from conftest import assert_close_rule, make_params
+from emulator import bwd_args, fwd_args
 
 from cmpe_se_fused.reference import PAIR_MODES, backward_op_reference, forward_op_reference
 
@@ -183,20 +184,7 @@ def _case(mode, dtype, shape=(4, 32, 6, 5), *, layout="nchw", training=True, fol
     return build(dtype, _acc(dtype)), build(torch.float64, torch.float64), kw
 
 
-FWD_ORDER = ("u", "x", "fc1_weight", "fc1_identity_weight", "fc2_weight", "pair_weight", "bn_weight", "bn_bias",
-             "running_mean", "running_var")
-KW_ORDER = ("mode", "training", "momentum", "eps", "fold_width", "padding")
-
-
-def _fwd_args(d, kw):
-    return [d[k] for k in FWD_ORDER] + [kw[k] for k in KW_ORDER]
-
-
-def _bwd_args(dy, d, saved, kw):
-    _, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd = saved
-    return [dy, d["u"], pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, d["fc1_weight"], d["fc1_identity_weight"],
-            d["fc2_weight"], d["pair_weight"], d["bn_weight"], d["bn_bias"], kw["mode"], kw["training"],
-            kw["fold_width"], kw["padding"]]
+_fwd_args, _bwd_args = fwd_args, bwd_args  # the op argument order, shared with the emulator
 
 
 def _clone_stats(d):
