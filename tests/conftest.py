@@ -67,3 +67,13 @@ def _no_backend_env(monkeypatch):
     """Tests choose backends explicitly; a CMPE_SE_BACKEND in the environment must not leak in."""
     if "CMPE_SE_BACKEND" in os.environ:
         monkeypatch.delenv("CMPE_SE_BACKEND")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: these tests check behaviour, not speed, and OpenMP barriers stall on a
+    busy 2-core CI machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

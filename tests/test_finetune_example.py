@@ -27,14 +27,7 @@ HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 CLASSES = ("cat", "dog", "emu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tests check behaviour, not speed, and OpenMP barriers stall on a
-    busy 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_image_folder(root: Path, per_class=(4, 2), size=40):

@@ -30,14 +30,7 @@ HAS_CPU_KERNEL = not BACKENDS["cpu"].not_supported_reasons()
 FUSED = "cpu" if HAS_CPU_KERNEL else "reference"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tests check behaviour, not speed, and OpenMP barriers stall on a
-    busy 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def resnet10():
