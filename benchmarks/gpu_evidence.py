@@ -17,6 +17,11 @@ as numbers a GPU run can check.
            against Little's law (copy bandwidth x DRAM latency / SMs); budget: every main kernel meets it
 4. model   a stated model of each path's time at the targets' shapes on an H200, calibrated on the
            committed H200 run (benchmarks/results/2026-11-26-h200-66dc6c6); a model, not a measurement
+5. triton  the Triton kernels' bytes, counted in Triton's interpreter (benchmarks/triton_traffic.py,
+           in a subprocess with TRITON_INTERPRET=1): every tl.load / tl.store, mask-aware, per launch
+           and per pass, full-size tensors in T and small tensors (pools, gate, hidden, weights,
+           running stats, workspace) in bytes; budget: the documented 5T forward and 5T backward
+           (cmpe_se_fused/triton_kernels.py), every full-size tensor covered once per pass
 """
 from __future__ import annotations
 
@@ -362,18 +367,136 @@ def model_table(rows, cal) -> str:
     return "\n".join(out)
 
 
+# ---- 5. the Triton kernels' bytes, in Triton's interpreter --------------------------------------
+
+TRITON_SHAPE = (2, 32, 8, 8)
+# late stages of the targets (N scaled to 2, reduction 16 as the bench presets): the small network's
+# weights are read once per program, so their bytes grow with N x programs per sample
+TRITON_TARGETS = [("wrn28-10", "s3", 640, 8), ("resnet164", "s3", 256, 8)]
+
+
+def triton_rows(modes=MODES, layouts=("nchw", "channels_last"), configs=("single", "split"), shape=TRITON_SHAPE,
+                phases=("train", "eval"), reduction=4, timeout=1800) -> list[dict]:
+    """Rows of benchmarks/triton_traffic.py, run in a subprocess: the interpreter must be on before
+    triton is first imported, which this process cannot promise."""
+    import subprocess
+
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "triton_traffic.py"), "--json",
+           "--modes", ",".join(modes), "--layouts", ",".join(layouts), "--configs", ",".join(configs),
+           "--shape", ",".join(map(str, shape)), "--phases", ",".join(phases), "--reduction", str(reduction)]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout, check=False)
+    if res.returncode == 2 or not res.stdout.strip():
+        raise RuntimeError(f"triton_traffic.py failed (rc {res.returncode}): {res.stderr[-2000:]}")
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    for r in rows:
+        r["ok"] = triton_row_ok(r)
+    return rows
+
+
+def triton_row_ok(r: dict) -> bool:
+    """Within the documented budget, no byte outside the launch's tensors, and every full-size
+    tensor covered exactly once (no element skipped)."""
+    covered = all(abs(v - 1.0) < 1e-9 for v in r["coverage"].values())
+    return r["total_T"] <= r["budget_T"] + 1e-9 and r["unknown_bytes"] == 0 and covered
+
+
+def _short(kernel: str) -> str:
+    return kernel.strip("_").replace("_kernel", "")
+
+
+def _fmt_bytes(b: int) -> str:
+    return f"{b} B" if b < 10240 else f"{b / 1024:.1f} KiB"
+
+
+def triton_table(rows) -> str:
+    out = ["| launch config | layout | mode | train/eval | pass | launches (full-size T each) | read | written | "
+           "total | budget | per tensor (re-read factor) | small tensors | small distinct |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        flag = "" if r["ok"] else " **OVER**"
+        lns = "; ".join(f"{_short(ln['kernel'])}{tuple(ln['grid']) if isinstance(ln['grid'], list) else ''} "
+                        f"{ln['read_T'] + ln['written_T']:g}T" for ln in r["launches"])
+        per = ", ".join(f"{k} {v:g}" + (f" (x{r['reread'][k]:g})" if r["reread"].get(k, 0) > 1 else "")
+                        for k, v in r["per_tensor"].items())
+        out.append(f"| {r['config']} | {r['layout']} | {r['mode']} | {r['phase']} | {r['pass']} | {lns} | "
+                   f"{r['read_T']:.2f}T | {r['written_T']:.2f}T | {r['total_T']:.2f}T{flag} | {r['budget_T']:g}T | "
+                   f"{per} | {r['small_bytes']} B | {r['small_distinct']} B |")
+    return "\n".join(out)
+
+
+def triton_launch_table(rows, modes=("se", "folded_3x3"), phase="train", layout="nchw") -> str:
+    out = ["| launch config | mode | pass | launch | grid | full-size per tensor | small tensors (bytes) |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["mode"] not in modes or r["phase"] != phase or r["layout"] != layout:
+            continue
+        for ln in r["launches"]:
+            per = ", ".join(f"{k} {v:g}T" for k, v in ln["per_tensor"].items()) or "-"
+            small = ", ".join(f"{k} {v}" for k, v in sorted(ln["small"].items(), key=lambda kv: -kv[1]))
+            out.append(f"| {r['config']} | {r['mode']} | {r['pass']} | `{ln['kernel']}` | {tuple(ln['grid'])} | "
+                       f"{per} | {ln['small_bytes']}: {small} |")
+    return "\n".join(out)
+
+
+def triton_target_rows(targets=TRITON_TARGETS, configs=("single", "split3")) -> list[dict]:
+    rows = []
+    for net, stage, c, h in targets:
+        for r in triton_rows(modes=("se",), layouts=("nchw",), configs=configs, shape=(2, c, h, h),
+                             phases=("train",), reduction=16):
+            r["net"] = f"{net}/{stage} C={c} {h}x{h}"
+            rows.append(r)
+    return rows
+
+
+def triton_target_table(rows) -> str:
+    out = ["| shape (N=2) | launch config | pass | full-size total | small tensors per sample | "
+           "as a fraction of one sample's T | largest |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        n = r["shape"][0]
+        per_sample = r["small_bytes"] / n
+        biggest = sorted(r["small"].items(), key=lambda kv: -kv[1])[:3]
+        big = ", ".join(f"{k} {_fmt_bytes(v // n)}" for k, v in biggest)
+        out.append(f"| {r['net']} | {r['config']} | {r['pass']} | {r['total_T']:.2f}T | {_fmt_bytes(int(per_sample))} | "
+                   f"{per_sample / (r['T_bytes'] / n):.2f} | {big} |")
+    return "\n".join(out)
+
+
 # ---- main -------------------------------------------------------------------------------------
 
 DOC_BEGIN = "<!-- gpu_evidence:begin -->"
 DOC_END = "<!-- gpu_evidence:end -->"
 
 
-def write_docs(text: str, path=os.path.join(ROOT, "docs", "CUDA.md")):
+SECTIONS = ("bytes", "sectors", "occupancy", "model", "triton")
+HEADINGS = {"bytes": "### Bytes moved per pass", "sectors": "### Coalescing", "occupancy": "### Occupancy",
+            "model": "### A stated model", "triton": "### Triton kernels"}
+
+
+def _doc_sections(block: str) -> dict:
+    """The current docs block split into its sections (by their headings)."""
+    out = {}
+    parts = re.split(r"(?m)^(?=### )", block)
+    for part in parts:
+        for name, head in HEADINGS.items():
+            if part.startswith(head):
+                out[name] = part.strip()
+    return out
+
+
+def write_docs(sections: dict, path=os.path.join(ROOT, "docs", "CUDA.md")):
+    """Regenerate the block between the markers: the sections given (name -> text) replace theirs;
+    a section this run skipped keeps its text from the current block."""
     with open(path) as fh:
         doc = fh.read()
-    block = f"{DOC_BEGIN}\n{text.strip()}\n{DOC_END}"
-    if DOC_BEGIN in doc:
-        doc = re.sub(re.escape(DOC_BEGIN) + ".*?" + re.escape(DOC_END), lambda _: block, doc, flags=re.S)
+    old = {}
+    m = re.search(re.escape(DOC_BEGIN) + "(.*?)" + re.escape(DOC_END), doc, flags=re.S)
+    if m:
+        old = _doc_sections(m.group(1))
+    texts = [sections.get(name) or old.get(name) for name in SECTIONS]
+    block = f"{DOC_BEGIN}\n" + "\n\n".join(t.strip() for t in texts if t) + f"\n{DOC_END}"
+    if m:
+        doc = doc[:m.start()] + block + doc[m.end():]
     else:
         doc = doc.rstrip() + "\n\n" + block + "\n"
     with open(path, "w") as fh:
@@ -386,27 +509,32 @@ def main(argv=None) -> int:
     ap.add_argument("--write-docs", action="store_true", help="regenerate the tables in docs/CUDA.md")
     ap.add_argument("--measured", default=None, help="a gpu_check results folder: model vs measured")
     ap.add_argument("--modes", default=None, help="comma list of modes for the bytes table (default: all)")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: bytes,sectors,occupancy,model")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: bytes,sectors,occupancy,model,triton "
+                    "(--write-docs keeps a skipped section's current text)")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     failures = []
-    parts = []
+    parts = {}
     if "bytes" not in skip:
         modes = tuple(args.modes.split(",")) if args.modes else ("se", "folded_3x3") if args.quick else MODES
         rows = bytes_rows(modes=modes)
-        parts.append("### Bytes moved per pass (emulator, planner's launches, N=2 C=32 8x8 fp32 NCHW)\n\n"
-                     "Global bytes of the full-size tensors (U, X, Y; dY, U, dU, dX), traced through the kernels' "
-                     "vector load/store helpers, in multiples of T; budgets from SPEC section 3. Small tensors "
-                     "(pools, gate, weights, workspace) are not traced (they are O(N*C)).\n\n" + bytes_table(rows))
+        parts["bytes"] = (
+            "### Bytes moved per pass (emulator, planner's launches, N=2 C=32 8x8 fp32 NCHW)\n\n"
+            "Global bytes of the full-size tensors (U, X, Y; dY, U, dU, dX), traced through the kernels' "
+            "vector load/store helpers, in multiples of T; budgets from SPEC section 3. Small tensors "
+            "(pools, gate, weights, workspace: O(N*C)) are not traced here: the CUDA kernels read them by plain "
+            "dereferences, not through the traced helpers (the Triton table below lists them, in bytes).\n\n"
+            + bytes_table(rows))
         failures += [f"bytes: {r['path']}/{r['mode']}/{r['phase']}/{r['pass']} {r['total_T']:.2f}T > {r['budget_T']}T"
                      for r in rows if not r["ok"]]
     if "sectors" not in skip:
         stages = [STAGES[0], STAGES[5]] if args.quick else STAGES
         rows = coalescing_rows(stages=stages)
-        parts.append("### Coalescing (emulator, se, fp32, N=1, training)\n\n"
-                     "Per warp-level access (call site x the k-th time each lane reached it): 32-byte sectors touched "
-                     f"vs the minimum for the bytes used; streaming phases must stay >= {100 * MIN_EFFICIENCY:.0f}%.\n\n"
-                     + coalescing_table(rows))
+        parts["sectors"] = (
+            "### Coalescing (emulator, se, fp32, N=1, training)\n\n"
+            "Per warp-level access (call site x the k-th time each lane reached it): 32-byte sectors touched "
+            f"vs the minimum for the bytes used; streaming phases must stay >= {100 * MIN_EFFICIENCY:.0f}%.\n\n"
+            + coalescing_table(rows))
         failures += [f"sectors: {r['shape']} {r['layout']} {r['kernel']} {r['pass']} {r['phase']} "
                      f"{100 * r['efficiency']:.1f}%" for r in rows if not r["ok"]]
     if "occupancy" not in skip:
@@ -415,19 +543,52 @@ def main(argv=None) -> int:
         res, why = read_resources()
         rows = occupancy_rows(res if not why else None)
         note = f" (registers unavailable: {why})" if why else ""
-        parts.append("### Occupancy and bytes in flight (WRN-28-10 stage 1, fp32, 256 threads)" + note + "\n\n"
-                     "Blocks per SM from the built extension's registers (cuobjdump, sm_90 and sm_80) and the public limits "
-                     "in `csrc/cuda/launch_plan.cuh`; bytes in flight per SM = blocks x threads x kUnroll (4) x "
-                     "tensors x 16 B; Little's law: copy bandwidth x DRAM latency / SMs.\n\n" + occupancy_table(rows))
+        parts["occupancy"] = (
+            "### Occupancy and bytes in flight (WRN-28-10 stage 1, fp32, 256 threads)" + note + "\n\n"
+            "Blocks per SM from the built extension's registers (cuobjdump, sm_90 and sm_80) and the public limits "
+            "in `csrc/cuda/launch_plan.cuh`; bytes in flight per SM = blocks x threads x kUnroll (4) x "
+            "tensors x 16 B; Little's law: copy bandwidth x DRAM latency / SMs.\n\n" + occupancy_table(rows))
         failures += [f"occupancy: {r['device']} {r['kernel']} {r['phase']} {r['inflight']} < {r['need']:.0f} B"
                      for r in rows if r["ok"] is False]
     if "model" not in skip:
         rows, cal = model_rows(measured_dir=args.measured)
-        parts.append("### A stated model of the targets (H200)\n\n" + model_table(rows, cal))
-    text = "\n\n".join(parts)
+        parts["model"] = "### A stated model of the targets (H200)\n\n" + model_table(rows, cal)
+    if "triton" not in skip:
+        modes = tuple(args.modes.split(",")) if args.modes else ("se", "folded_3x3") if args.quick else MODES
+        layouts = ("nchw",) if args.quick else ("nchw", "channels_last")
+        rows = triton_rows(modes=modes, layouts=layouts)
+        n, c, h, w = TRITON_SHAPE
+        text = (f"### Triton kernels: bytes moved per launch and per pass (interpreter, N={n} C={c} {h}x{w} fp32)\n\n"
+                "Every `tl.load` / `tl.store` of every launch, counted in Triton's interpreter "
+                "(`benchmarks/triton_traffic.py`): bytes of the active lanes only (masked-off lanes move nothing), "
+                "element size from the pointer type, each address classified into the launch's tensor arguments by "
+                "their storage ranges. Full-size tensors (U, X, Y; dY, U, dU, dX) in T, with the re-read factor "
+                "(bytes read / distinct bytes read) where above 1; small tensors (pools, gate, hidden, weights, "
+                "running stats, moments, workspace) in bytes (total accessed, and distinct). Launch configs: "
+                "`single` (one program per sample; the default when N >= SMs, and on the CPU), `split` (2 programs "
+                "per sample, 8-channel tiles: the N < SMs default's structure, squeeze and excite separate). Budget: "
+                "the documented 5T forward (the squeeze reads U, X; the rescale re-reads them: the two-pass design "
+                "of SPEC section 3, above its 3T floor) and 5T backward (`cmpe_se_fused/triton_kernels.py`), every "
+                "full-size tensor covered exactly once.\n\n" + triton_table(rows))
+        text += ("\n\nPer launch (training, NCHW; `small tensors`: total bytes, then per kernel argument):\n\n"
+                 + triton_launch_table(rows, modes=tuple(m for m in ("se", "folded_3x3") if m in modes)))
+        failures += [f"triton: {r['config']}/{r['layout']}/{r['mode']}/{r['phase']}/{r['pass']} {r['total_T']:.2f}T "
+                     f"(budget {r['budget_T']}T, coverage {r['coverage']}, unknown {r['unknown_bytes']} B)"
+                     for r in rows if not r["ok"]]
+        if not args.quick and not args.modes:
+            trows = triton_target_rows()
+            text += ("\n\nSmall-tensor bytes at the targets' late stages (se, training, NCHW fp32, reduction 16, N=2; "
+                     "`split3`: 3 programs per sample, the GPU default at N=128 on an H200). The small network's "
+                     "weights are read by every program (once per sample, per chunk), so these bytes grow with N "
+                     "and with the programs per sample; on a GPU they are L2 hits, not DRAM traffic:\n\n"
+                     + triton_target_table(trows))
+            failures += [f"triton: {r['net']} {r['config']} {r['pass']} {r['total_T']:.2f}T" for r in trows
+                         if not r["ok"]]
+        parts["triton"] = text
+    text = "\n\n".join(parts[k] for k in SECTIONS if k in parts)
     print(text)
     if args.write_docs:
-        write_docs(text)
+        write_docs(parts)
     if failures:
         print("\nBUDGETS BROKEN:\n" + "\n".join("  " + f for f in failures))
         return 1

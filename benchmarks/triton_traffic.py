@@ -47,7 +47,9 @@ OUTPUT_NAMES = {"y": "Y", "du_out": "dU", "dx_out": "dX"}
 #   split:  several programs per sample (N < SMs on a GPU: chunks = ceil(2 SMs / N), e.g. 3 at the
 #           targets' N=128 on an H200): squeeze and excite are separate launches
 CONFIGS = {"single": ({"single_launch": True, "chunks": 1}, {"chunks": 1}),
-           "split": ({"single_launch": False, "chunks": 2, "block_c": 8}, {"chunks": 2, "block_c": 8})}
+           "split": ({"single_launch": False, "chunks": 2, "block_c": 8}, {"chunks": 2, "block_c": 8}),
+           # the GPU default at the targets' N=128 on an H200 (132 SMs): 3 programs per sample, default tiles
+           "split3": ({"single_launch": False, "chunks": 3}, {"chunks": 3})}
 # documented traffic (triton_kernels.py module docstring): forward 5T (the squeeze reads U, X, the
 # rescale re-reads them and writes Y), backward 5T (grad-gate reads dY, U: 2T; input-grad reads dY,
 # writes dU, dX: 3T); per tensor
@@ -243,10 +245,10 @@ class ByteCounter:
 
 # ---- the Triton backend's passes --------------------------------------------------------------
 
-def _case(mode, shape, layout, training, dtype=torch.float32, seed=0):
+def _case(mode, shape, layout, training, dtype=torch.float32, seed=0, reduction=4):
     import emulator as E
 
-    d, _, _, kw = E.make_case(mode, dtype, shape, layout, training, seed=seed)
+    d, _, _, kw = E.make_case(mode, dtype, shape, layout, training, seed=seed, reduction=reduction)
     return d, kw
 
 
@@ -284,12 +286,13 @@ def _summarise(counter: ByteCounter, pas: str) -> dict:
             "unknown_bytes": sum(v["read"] + v["written"] for k, v in summ.items() if k == "unknown")}
 
 
-def measure(mode, training, layout="nchw", config="single", shape=(2, 32, 8, 8), dtype=torch.float32, seed=0):
+def measure(mode, training, layout="nchw", config="single", shape=(2, 32, 8, 8), dtype=torch.float32, seed=0,
+            reduction=4):
     """Forward then backward of the Triton backend under the counter: {"fwd": ..., "bwd": ...}."""
     import cmpe_se_fused.triton_kernels as tk
     import emulator as E
 
-    d, kw = _case(mode, shape, layout, training, dtype, seed)
+    d, kw = _case(mode, shape, layout, training, dtype, seed, reduction)
     fkw, bkw = CONFIGS[config]
     with ByteCounter({"U": d["u"], "X": d["x"]}) as cf:
         out = tk.forward(*E.fwd_args(d, kw), **fkw)
@@ -299,19 +302,21 @@ def measure(mode, training, layout="nchw", config="single", shape=(2, 32, 8, 8),
     for pas, c in (("fwd", cf), ("bwd", cb)):
         s = _summarise(c, pas)
         s.update({"mode": mode, "phase": "train" if training else "eval", "pass": pas, "layout": layout,
-                  "config": config, "shape": list(shape), "dtype": str(dtype).replace("torch.", "")})
+                  "config": config, "shape": list(shape), "reduction": reduction,
+                  "dtype": str(dtype).replace("torch.", "")})
         s["ok"] = s["total_T"] <= s["budget_T"] + 1e-9 and s["unknown_bytes"] == 0
         res[pas] = s
     return res
 
 
-def rows(modes=MODES, layouts=("nchw", "channels_last"), configs=("single", "split"), shape=(2, 32, 8, 8)):
+def rows(modes=MODES, layouts=("nchw", "channels_last"), configs=("single", "split"), shape=(2, 32, 8, 8),
+         phases=(True, False), reduction=4):
     out = []
     for config in configs:
         for layout in layouts:
             for mode in modes:
-                for training in (True, False):
-                    r = measure(mode, training, layout, config, shape)
+                for training in phases:
+                    r = measure(mode, training, layout, config, shape, reduction=reduction)
                     out += [r["fwd"], r["bwd"]]
     return out
 
@@ -323,13 +328,16 @@ def main(argv=None) -> int:
     ap.add_argument("--layouts", default="nchw,channels_last")
     ap.add_argument("--configs", default="single,split")
     ap.add_argument("--shape", default="2,32,8,8")
+    ap.add_argument("--phases", default="train,eval")
+    ap.add_argument("--reduction", type=int, default=4, help="C / hidden units of the small network")
     args = ap.parse_args(argv)
     ok, why = interpreter_ready()
     if not ok:
         print(why, file=sys.stderr)
         return 2
     rs = rows(tuple(args.modes.split(",")), tuple(args.layouts.split(",")), tuple(args.configs.split(",")),
-              tuple(int(v) for v in args.shape.split(",")))
+              tuple(int(v) for v in args.shape.split(",")),
+              tuple(p == "train" for p in args.phases.split(",")), args.reduction)
     if args.json:
         print(json.dumps(rs))
     else:
