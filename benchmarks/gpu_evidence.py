@@ -370,6 +370,11 @@ def model_table(rows, cal) -> str:
 # ---- 5. the Triton kernels' bytes, in Triton's interpreter --------------------------------------
 
 TRITON_SHAPE = (2, 32, 8, 8)
+# documented traffic (cmpe_se_fused/triton_kernels.py module docstring), per tensor in T: forward 5T
+# (the squeeze reads U, X; the rescale re-reads them and writes Y), backward 5T (grad-gate reads dY,
+# U: 2T; input-grad reads dY, writes dU, dX: 3T)
+TRITON_DOCUMENTED = {"fwd": {"U": 2, "X": 2, "Y": 1}, "bwd": {"dY": 2, "U": 1, "dU": 1, "dX": 1}}
+TRITON_BUDGET_T = {"fwd": 5.0, "bwd": 5.0}
 # late stages of the targets (N scaled to 2, reduction 16 as the bench presets): the small network's
 # weights are read once per program, so their bytes grow with N x programs per sample
 TRITON_TARGETS = [("wrn28-10", "s3", 640, 8), ("resnet164", "s3", 256, 8)]

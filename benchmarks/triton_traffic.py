@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (ROOT, os.path.join(ROOT, "tests")):
+for _p in (ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "benchmarks")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
@@ -50,11 +50,9 @@ CONFIGS = {"single": ({"single_launch": True, "chunks": 1}, {"chunks": 1}),
            "split": ({"single_launch": False, "chunks": 2, "block_c": 8}, {"chunks": 2, "block_c": 8}),
            # the GPU default at the targets' N=128 on an H200 (132 SMs): 3 programs per sample, default tiles
            "split3": ({"single_launch": False, "chunks": 3}, {"chunks": 3})}
-# documented traffic (triton_kernels.py module docstring): forward 5T (the squeeze reads U, X, the
-# rescale re-reads them and writes Y), backward 5T (grad-gate reads dY, U: 2T; input-grad reads dY,
-# writes dU, dX: 3T); per tensor
-DOCUMENTED = {"fwd": {"U": 2, "X": 2, "Y": 1}, "bwd": {"dY": 2, "U": 1, "dU": 1, "dX": 1}}
-BUDGET_T = {"fwd": 5.0, "bwd": 5.0}
+# the documented traffic per tensor and the budgets: benchmarks/gpu_evidence.py (TRITON_DOCUMENTED)
+from gpu_evidence import TRITON_BUDGET_T as BUDGET_T  # noqa: E402
+from gpu_evidence import TRITON_DOCUMENTED as DOCUMENTED  # noqa: E402
 
 
 def interpreter_ready() -> tuple[bool, str]:

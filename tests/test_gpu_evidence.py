@@ -214,3 +214,129 @@ def test_gpu_check_packs_results_into_an_archive(tmp_path):
     assert "packed:" in summary and "env " in summary
     leftovers = [p for p in os.listdir(tmp_path) if p.startswith("gpu_check")]
     assert leftovers == [], leftovers  # scratch folders removed
+
+
+# ---- the Triton kernels' bytes (interpreter) ----------------------------------------------------
+
+def _triton_or_skip():
+    # not imported here: this process's triton must stay as it is (the counter runs in a subprocess
+    # with TRITON_INTERPRET=1, set before triton is imported)
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+
+
+def _assert_documented(rows):
+    """Every pass moves exactly the documented traffic of triton_kernels.py: forward U, X twice
+    (squeeze, rescale) and Y once (5T); backward dY twice (grad-gate, input-grad), U, dU, dX once
+    (5T); every full-size tensor covered exactly once; no byte outside the launch's tensors."""
+    assert rows
+    for r in rows:
+        tag = f"{r['config']}/{r['layout']}/{r['mode']}/{r['phase']}/{r['pass']}"
+        assert r["ok"], f"{tag}: {r['total_T']}T (budget {r['budget_T']}T), coverage {r['coverage']}"
+        assert r["budget_T"] == GE.TRITON_BUDGET_T[r["pass"]] == 5.0
+        assert r["per_tensor"] == pytest.approx(GE.TRITON_DOCUMENTED[r["pass"]]), f"{tag}: {r['per_tensor']}"
+        assert r["unknown_bytes"] == 0, tag
+        # the re-reads: the forward reads U and X twice, the backward dY twice; nothing else is re-read
+        want = {"fwd": {"U": 2, "X": 2}, "bwd": {"dY": 2, "U": 1}}[r["pass"]]
+        assert {k: v for k, v in r["reread"].items() if v} == pytest.approx(want), f"{tag}: {r['reread']}"
+        assert 0 < r["small_distinct"] <= r["small_bytes"], tag
+        # per launch: the streaming kernels touch the full-size tensors, the small ones never do
+        for ln in r["launches"]:
+            streaming = ln["kernel"] in ("_squeeze_kernel", "_excite_kernel", "_grad_gate_kernel",
+                                         "_input_grad_kernel")
+            assert bool(ln["per_tensor"]) == streaming, (tag, ln)
+
+
+def test_triton_bytes_documented_budget_fast():
+    """The fast case (one interpreter subprocess): se and folded_3x3, training and eval, forward and
+    backward, one program per sample (the CPU default) and split launches (several programs per
+    sample, squeeze and excite separate)."""
+    _triton_or_skip()
+    rows = GE.triton_rows(modes=("se", "folded_3x3"), layouts=("nchw",), shape=(2, 16, 4, 4))
+    assert len(rows) == 2 * 2 * 2 * 2
+    _assert_documented(rows)
+    launches = {(r["config"], r["mode"], r["phase"], r["pass"]): [ln["kernel"] for ln in r["launches"]] for r in rows}
+    assert launches[("single", "se", "train", "fwd")] == ["_excite_kernel"]
+    assert launches[("single", "folded_3x3", "train", "fwd")] == ["_squeeze_kernel", "_bn_stats_kernel",
+                                                                   "_excite_kernel"]
+    assert launches[("split", "se", "train", "fwd")] == ["_squeeze_kernel", "_excite_kernel"]
+    assert launches[("single", "se", "eval", "bwd")] == ["_grad_gate_kernel", "_weight_grad_kernel",
+                                                        "_input_grad_kernel"]
+
+
+@pytest.mark.slow
+def test_triton_bytes_documented_budget_every_mode():
+    """Every mode x train/eval x pass, NCHW and channels_last, single and split launches."""
+    _triton_or_skip()
+    rows = GE.triton_rows()
+    assert len(rows) == 5 * 2 * 2 * 2 * 2
+    _assert_documented(rows)
+
+
+TOY = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import triton_traffic as TT  # sets TRITON_INTERPRET=1 before triton is imported
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def reread_copy(x, y, n, BLOCK: tl.constexpr):
+    # reads x twice (a deliberate re-read), writes y once; the tail block is masked
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    a = tl.load(x + i, mask=m, other=0.0)
+    b = tl.load(x + i, mask=m, other=0.0)
+    tl.store(y + i, a + b, mask=m & (i % 2 == 0))  # even lanes only
+
+
+n = 1000
+x = torch.randn(n)
+y = torch.zeros(n)
+with TT.ByteCounter({"X": x}) as c:
+    reread_copy[(triton.cdiv(n, 128),)](x, y, n, BLOCK=128)
+print(json.dumps({"launches": c.launch_rows(), "pass": c.pass_summary(), "T": c.T,
+                  "ok": bool(torch.equal(y[::2], 2 * x[::2]))}))
+'''
+
+
+def test_triton_counter_sees_a_reread(tmp_path):
+    """The counter can fail: a toy kernel that reads its input twice is counted at 2T of reads
+    (distinct 1T: re-read factor 2), masked-off lanes move nothing (the tail of 1000 elements in
+    blocks of 128; the store of even lanes only is 0.5T), and the budget check flags 2.5T > 2T."""
+    _triton_or_skip()
+    script = tmp_path / "toy.py"
+    script.write_text(TOY)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(script), os.path.join(ROOT, "benchmarks")], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = __import__("json").loads(res.stdout.strip().splitlines()[-1])
+    assert out["ok"] and out["T"] == 4000
+    (launch,) = out["launches"]
+    assert launch["kernel"] == "reread_copy" and launch["grid"] == [8]
+    x, y = launch["tensors"]["X"], launch["tensors"]["Y"]  # y: the output argument name of Y
+    assert x == {"read": 8000, "written": 0, "distinct_read": 4000, "distinct_written": 0, "full": True}
+    assert y["written"] == 2000 and y["read"] == 0 and y["full"]  # an output of T bytes: full-size
+    row = {"total_T": (8000 + 2000) / 4000, "budget_T": 2.0, "unknown_bytes": 0, "coverage": {"X": 1.0}}
+    assert not GE.triton_row_ok(row)
+    assert GE.triton_row_ok({**row, "budget_T": 2.5})
+    assert not GE.triton_row_ok({**row, "budget_T": 2.5, "coverage": {"X": 1.0, "Y": 0.5}})  # half of y unwritten
+
+
+def test_gpu_evidence_exits_nonzero_when_triton_is_over(monkeypatch, capsys):
+    """The Triton section's budget reaches the exit code (rows stubbed: the counter is tested above)."""
+    row = {"config": "single", "layout": "nchw", "mode": "se", "phase": "train", "pass": "fwd", "total_T": 6.0,
+           "read_T": 5.0, "written_T": 1.0, "budget_T": 5.0, "unknown_bytes": 0, "coverage": {"U": 1.0},
+           "per_tensor": {"U": 3.0, "X": 2.0, "Y": 1.0}, "reread": {"U": 3.0, "X": 2.0, "Y": 0.0},
+           "small_bytes": 10, "small_distinct": 10, "small": {"w1": 10},
+           "launches": [{"kernel": "_excite_kernel", "grid": [2, 1], "read_T": 5.0, "written_T": 1.0,
+                         "per_tensor": {"U": 3.0, "X": 2.0, "Y": 1.0}, "small_bytes": 10, "small": {"w1": 10}}]}
+    monkeypatch.setattr(GE, "triton_rows", lambda **kw: [{**row, "ok": GE.triton_row_ok(row)}])
+    assert GE.main(["--modes", "se", "--skip", "bytes,sectors,occupancy,model"]) == 1
+    out = capsys.readouterr().out
+    assert "BUDGETS BROKEN" in out and "6.00T **OVER**" in out and "U 3 (x3)" in out
