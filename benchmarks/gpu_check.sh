@@ -12,7 +12,7 @@
 # (the `targets` preset: the rows the GPU issues name, run right after the build), pytest.log,
 # sanitizer.log, gpu/bench.{json,md,png} (the broad `gpu` preset with the time left),
 # evidence.md (benchmarks/gpu_evidence.py: occupancy from the build's registers, the model of
-# docs/CUDA.md next to this run's times) and summary.txt (printed last). Every step has a time cap taken from one overall budget
+# docs/CUDA.md next to this run's times, also written into bench.md) and summary.txt (printed last). Every step has a time cap taken from one overall budget
 # (GPU_CHECK_BUDGET_S, default 470 s), a failing step does not stop the ones after it, and
 # summary.txt records each step's status. Scratch files (the full build log, the benchmark
 # consoles) live in a temporary folder and are not returned.
@@ -240,10 +240,11 @@ fi
 if [ "${GPU_CHECK_SKIP_EVIDENCE:-0}" = 1 ]; then
     record evidence SKIP 0 "GPU_CHECK_SKIP_EVIDENCE=1"
 else
-    # bytes and coalescing come from the CPU emulator (no GPU needed: run them at home)
+    # bytes, coalescing and the Triton bytes come from the CPU emulator / Triton's interpreter (no
+    # GPU needed: run them at home); --bench-md puts the model next to bench.md's cuda rows
     step evidence "$(cap 90 0)" "$OUT/evidence.md" \
-        "$PY" benchmarks/gpu_evidence.py --skip bytes,sectors --measured "$OUT"
-    done_step evidence "evidence.md: occupancy from cuobjdump, model vs measured"
+        "$PY" benchmarks/gpu_evidence.py --skip bytes,sectors,triton --measured "$OUT" --bench-md
+    done_step evidence "evidence.md: occupancy from cuobjdump, model vs measured (also in bench.md)"
 fi
 
 # ---- 8. summary -----------------------------------------------------------------------------

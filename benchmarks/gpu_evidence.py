@@ -347,6 +347,87 @@ def model_rows(run_dir=H200_RUN, measured_dir=None):
     return rows, cal
 
 
+def _model_us(cal, pas, provider, T, c, n):
+    """The model of one pass (fwd, bwd, or fwdbwd = fwd + bwd) of a cuda provider, or None."""
+    if pas == "fwdbwd":
+        f, b = _model_us(cal, "fwd", provider, T, c, n), _model_us(cal, "bwd", provider, T, c, n)
+        return None if f is None or b is None else f + b
+    base, _, variant = provider.partition("@")
+    if base != "cuda" or cal.get(pas) is None:
+        return None
+    a, b, bw, _ = cal[pas]
+    resident = variant.startswith("resident")
+    mult = (3 if pas == "fwd" else 4) if resident else 5
+    fixed = a / 3 if resident else a  # as model_rows: an assumption for the resident path
+    return fixed + mult * T / (bw * 1e3) + b * _excite_macs(c, max(1, c // 16), n, "se")
+
+
+def bench_model_rows(measured_dir, run_dir=H200_RUN):
+    """The model next to every cuda row (se, NCHW) of a results folder's bench.json, at the row's
+    own shape, dtype and pass."""
+    cal = {p: calibrate(run_dir, p) for p in ("fwd", "bwd")}
+    if cal["fwd"] is None or cal["bwd"] is None:
+        return []
+    mrows, _ = _h200_rows(measured_dir)
+    rows = []
+    for r in mrows:
+        if r["mode"] != "se" or r["layout"] != "nchw" or not r["provider"].startswith("cuda"):
+            continue
+        model = _model_us(cal, r["pass"], r["provider"], r["T_bytes"], r["C"], r["N"])
+        meas = r.get("graph_us") or r.get("median_us")
+        if model is None or not meas:
+            continue
+        rows.append({"shape": f"{r['net']}/{r['stage']} N={r['N']} C={r['C']} {r['H']}x{r['W']}", "dtype": r["dtype"],
+                     "phase": r["phase"], "pass": r["pass"], "provider": r["provider"], "model_us": model,
+                     "measured_us": meas, "graph": bool(r.get("graph_us")), "ratio": meas / model})
+    return rows
+
+
+BENCH_BEGIN = "<!-- gpu_evidence:model:begin -->"
+BENCH_END = "<!-- gpu_evidence:model:end -->"
+
+
+def bench_model_section(rows, device=None) -> str:
+    out = [BENCH_BEGIN, "## Model vs measured (cuda, se, NCHW)", "",
+           "MODEL (not a measurement) of an H200 (`benchmarks/gpu_evidence.py`, calibrated on the committed run "
+           "benchmarks/results/2026-11-26-h200-66dc6c6; two-pass 5T, resident 3T forward / 4T backward with a "
+           "third of the fixed cost, an assumption)" + (f"; this run's device: {device}" if device else "") +
+           ". Measured: this run's CUDA-graph time where it has one (g), else the median.", "",
+           "| shape | dtype | train/eval | pass | provider | measured | model | measured / model |",
+           "|---|---|---|---|---|---|---|---|"]
+    if not rows:
+        out.append("| (no cuda se NCHW row in this run, or no calibration run) | | | | | | | |")
+    for r in rows:
+        out.append(f"| {r['shape']} | {r['dtype']} | {r['phase']} | {r['pass']} | {r['provider']} | "
+                   f"{r['measured_us']:.1f} us{' (g)' if r['graph'] else ''} | {r['model_us']:.1f} us | "
+                   f"{r['ratio']:.2f} |")
+    out.append(BENCH_END)
+    return "\n".join(out)
+
+
+def annotate_bench_md(measured_dir) -> str | None:
+    """Write the model next to the measured cuda rows into ``measured_dir/bench.md`` (between
+    markers: rerunning replaces the section). Returns the path written, or None without a bench.md."""
+    path = os.path.join(measured_dir, "bench.md")
+    if not os.path.exists(path):
+        return None
+    device = None
+    try:
+        with open(os.path.join(measured_dir, "bench.json")) as fh:
+            dev = json.load(fh)["meta"].get("device")
+        device = dev.get("name") if isinstance(dev, dict) else dev
+    except (OSError, ValueError, KeyError):
+        pass
+    section = bench_model_section(bench_model_rows(measured_dir), device)
+    with open(path) as fh:
+        doc = fh.read()
+    m = re.search(re.escape(BENCH_BEGIN) + ".*?" + re.escape(BENCH_END), doc, flags=re.S)
+    doc = doc[:m.start()] + section + doc[m.end():] if m else doc.rstrip() + "\n\n" + section + "\n"
+    with open(path, "w") as fh:
+        fh.write(doc)
+    return path
+
+
 def model_table(rows, cal) -> str:
     if not rows:
         return "(no committed H200 run to calibrate on)"
@@ -513,6 +594,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the CI subset: se and folded_3x3, two stage shapes")
     ap.add_argument("--write-docs", action="store_true", help="regenerate the tables in docs/CUDA.md")
     ap.add_argument("--measured", default=None, help="a gpu_check results folder: model vs measured")
+    ap.add_argument("--bench-md", action="store_true",
+                    help="with --measured: also write the model next to the run's cuda rows into its bench.md")
     ap.add_argument("--modes", default=None, help="comma list of modes for the bytes table (default: all)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: bytes,sectors,occupancy,model,triton "
                     "(--write-docs keeps a skipped section's current text)")
@@ -558,6 +641,9 @@ def main(argv=None) -> int:
     if "model" not in skip:
         rows, cal = model_rows(measured_dir=args.measured)
         parts["model"] = "### A stated model of the targets (H200)\n\n" + model_table(rows, cal)
+        if args.measured and args.bench_md:
+            path = annotate_bench_md(args.measured)
+            print(f"model vs measured written into {path}" if path else f"no bench.md in {args.measured}")
     if "triton" not in skip:
         modes = tuple(args.modes.split(",")) if args.modes else ("se", "folded_3x3") if args.quick else MODES
         layouts = ("nchw",) if args.quick else ("nchw", "channels_last")

@@ -340,3 +340,38 @@ def test_gpu_evidence_exits_nonzero_when_triton_is_over(monkeypatch, capsys):
     assert GE.main(["--modes", "se", "--skip", "bytes,sectors,occupancy,model"]) == 1
     out = capsys.readouterr().out
     assert "BUDGETS BROKEN" in out and "6.00T **OVER**" in out and "U 3 (x3)" in out
+
+
+def test_model_goes_into_bench_md(tmp_path, capsys):
+    """gpu_check's evidence step (``--measured DIR --bench-md``) writes the model next to the run's
+    own cuda rows into DIR/bench.md, at each row's shape and pass; rerunning replaces the section.
+    A fake results folder stands in for a GPU run."""
+    if GE.calibrate() is None:
+        pytest.skip("no committed H200 run")
+    base = {"kind": "layer", "net": "wrn28-10", "stage": "s1", "N": 128, "C": 160, "H": 32, "W": 32, "mode": "se",
+            "dtype": "fp32", "layout": "nchw", "phase": "train", "status": "ok", "T_bytes": 128 * 160 * 32 * 32 * 4}
+    rows = [{**base, "pass": "fwd", "provider": "cuda", "median_us": 130.0, "graph_us": 120.0},
+            {**base, "pass": "fwd", "provider": "cuda@resident", "median_us": 80.0, "graph_us": None},
+            {**base, "pass": "bwd", "provider": "cuda", "median_us": 250.0, "graph_us": None},
+            {**base, "pass": "fwd", "provider": "eager", "median_us": 260.0, "graph_us": None},
+            {**base, "pass": "fwd", "provider": "triton", "median_us": 235.0, "graph_us": None},
+            {**base, "pass": "fwd", "provider": "cuda", "mode": "folded_3x3", "median_us": 165.0, "graph_us": None}]
+    meta = {"device": {"type": "cuda", "name": "NVIDIA H200"}, "copy_bandwidth": {"GBps": 4200.0}}
+    (tmp_path / "bench.json").write_text(__import__("json").dumps({"meta": meta, "rows": rows}))
+    (tmp_path / "bench.md").write_text("# bench\n\n| a | b |\n|---|---|\n")
+    for _ in range(2):
+        assert GE.main(["--skip", "bytes,sectors,occupancy,triton", "--measured", str(tmp_path), "--bench-md"]) == 0
+    md = (tmp_path / "bench.md").read_text()
+    assert md.startswith("# bench") and md.count(GE.BENCH_BEGIN) == 1 and md.count(GE.BENCH_END) == 1
+    section = md[md.index(GE.BENCH_BEGIN):]
+    assert "MODEL (not a measurement)" in section and "NVIDIA H200" in section
+    lines = [ln for ln in section.splitlines() if ln.startswith("| wrn28-10/s1")]
+    assert len(lines) == 3, lines  # cuda fwd, cuda@resident fwd, cuda bwd; not eager, triton, folded_3x3
+    cal = {p: GE.calibrate(pass_=p) for p in ("fwd", "bwd")}
+    want = GE._model_us(cal, "fwd", "cuda", base["T_bytes"], 160, 128)
+    assert f"| 120.0 us (g) | {want:.1f} us | {120.0 / want:.2f} |" in lines[0]
+    assert "cuda@resident" in lines[1] and "| 80.0 us |" in lines[1]
+    # the model of the targets' table (docs/CUDA.md) agrees with the bench.md column
+    (target,) = [r for r in GE.model_rows()[0] if r["shape"].startswith("wrn28-10/s1") and r["dtype"] == "fp32"
+                 and r["pass"] == "fwd" and r["provider"] == "cuda"]
+    assert target["model_us"] == pytest.approx(want)
