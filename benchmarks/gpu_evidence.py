@@ -669,10 +669,14 @@ def main(argv=None) -> int:
         if not args.quick and not args.modes:
             trows = triton_target_rows()
             text += ("\n\nSmall-tensor bytes at the targets' late stages (se, training, NCHW fp32, reduction 16, N=2; "
-                     "`split3`: 3 programs per sample, the GPU default at N=128 on an H200). The small network's "
-                     "weights are read by every program (once per sample, per chunk), so these bytes grow with N "
-                     "and with the programs per sample; on a GPU they are L2 hits, not DRAM traffic:\n\n"
-                     + triton_target_table(trows))
+                     "`split3`: 3 programs per sample, the GPU default at N=128 on an H200; per sample = the pass's "
+                     "small bytes / N). Every program reads the small network's weights: the forward reads fc1 and "
+                     "fc2 once per sample, and fc1 again in every chunk of a split launch (each chunk recomputes "
+                     "the hidden layer); the backward reads both once per sample (grad-gate or mlp-backward). "
+                     "These reads grow with N and the programs per sample, so they stay at this fraction of T at "
+                     "N=128 (the weight gradients dw1, dw2 are written once per pass: their share per sample "
+                     "shrinks with N). On a GPU they are L2 hits (the weights are < 1 MB), not DRAM traffic, "
+                     "but each program waits on them:\n\n" + triton_target_table(trows))
             failures += [f"triton: {r['net']} {r['config']} {r['pass']} {r['total_T']:.2f}T" for r in trows
                          if not r["ok"]]
         parts["triton"] = text
