@@ -543,8 +543,8 @@ def triton_target_table(rows) -> str:
         per_sample = r["small_bytes"] / n
         biggest = sorted(r["small"].items(), key=lambda kv: -kv[1])[:3]
         big = ", ".join(f"{k} {_fmt_bytes(v // n)}" for k, v in biggest)
-        out.append(f"| {r['net']} | {r['config']} | {r['pass']} | {r['total_T']:.2f}T | {_fmt_bytes(int(per_sample))} | "
-                   f"{per_sample / (r['T_bytes'] / n):.2f} | {big} |")
+        out.append(f"| {r['net']} | {r['config']} | {r['pass']} | {r['total_T']:.2f}T | "
+                   f"{_fmt_bytes(int(per_sample))} | {per_sample / (r['T_bytes'] / n):.2f} | {big} |")
     return "\n".join(out)
 
 
