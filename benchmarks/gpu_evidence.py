@@ -644,7 +644,8 @@ def main(argv=None) -> int:
         parts["model"] = "### A stated model of the targets (H200)\n\n" + model_table(rows, cal)
         if args.measured and args.bench_md:
             path = annotate_bench_md(args.measured)
-            print(f"model vs measured written into {path}" if path else f"no bench.md in {args.measured}")
+            print(f"model vs measured written into {path}" if path else f"no bench.md in {args.measured}",
+                  file=sys.stderr)
     if "triton" not in skip:
         modes = tuple(args.modes.split(",")) if args.modes else ("se", "folded_3x3") if args.quick else MODES
         layouts = ("nchw",) if args.quick else ("nchw", "channels_last")
