@@ -462,14 +462,15 @@ TRITON_TARGETS = [("wrn28-10", "s3", 640, 8), ("resnet164", "s3", 256, 8)]
 
 
 def triton_rows(modes=MODES, layouts=("nchw", "channels_last"), configs=("single", "split"), shape=TRITON_SHAPE,
-                phases=("train", "eval"), reduction=4, timeout=1800) -> list[dict]:
+                phases=("train", "eval"), reduction=4, dtype="float32", timeout=1800) -> list[dict]:
     """Rows of benchmarks/triton_traffic.py, run in a subprocess: the interpreter must be on before
     triton is first imported, which this process cannot promise."""
     import subprocess
 
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "triton_traffic.py"), "--json",
            "--modes", ",".join(modes), "--layouts", ",".join(layouts), "--configs", ",".join(configs),
-           "--shape", ",".join(map(str, shape)), "--phases", ",".join(phases), "--reduction", str(reduction)]
+           "--shape", ",".join(map(str, shape)), "--phases", ",".join(phases), "--reduction", str(reduction),
+           "--dtype", dtype]
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout, check=False)
     if res.returncode == 2 or not res.stdout.strip():

@@ -308,13 +308,13 @@ def measure(mode, training, layout="nchw", config="single", shape=(2, 32, 8, 8),
 
 
 def rows(modes=MODES, layouts=("nchw", "channels_last"), configs=("single", "split"), shape=(2, 32, 8, 8),
-         phases=(True, False), reduction=4):
+         phases=(True, False), reduction=4, dtype=torch.float32):
     out = []
     for config in configs:
         for layout in layouts:
             for mode in modes:
                 for training in phases:
-                    r = measure(mode, training, layout, config, shape, reduction=reduction)
+                    r = measure(mode, training, layout, config, shape, dtype=dtype, reduction=reduction)
                     out += [r["fwd"], r["bwd"]]
     return out
 
@@ -328,6 +328,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="2,32,8,8")
     ap.add_argument("--phases", default="train,eval")
     ap.add_argument("--reduction", type=int, default=4, help="C / hidden units of the small network")
+    ap.add_argument("--dtype", default="float32", help="float32, float16 or float64 (the interpreter has no bf16)")
     args = ap.parse_args(argv)
     ok, why = interpreter_ready()
     if not ok:
@@ -335,7 +336,7 @@ def main(argv=None) -> int:
         return 2
     rs = rows(tuple(args.modes.split(",")), tuple(args.layouts.split(",")), tuple(args.configs.split(",")),
               tuple(int(v) for v in args.shape.split(",")),
-              tuple(p == "train" for p in args.phases.split(",")), args.reduction)
+              tuple(p == "train" for p in args.phases.split(",")), args.reduction, getattr(torch, args.dtype))
     if args.json:
         print(json.dumps(rs))
     else:

@@ -275,6 +275,17 @@ def test_triton_bytes_documented_budget_every_mode():
     _assert_documented(rows)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_triton_bytes_other_dtypes_and_tails(dtype):
+    """Element sizes from the pointer type (fp16: 2 bytes, fp64: 8) and masked tails (C = 24 over
+    8-channel tiles, chunks of 16 and 8 channels, P = 15): still exactly the documented bytes, every element once."""
+    _triton_or_skip()
+    rows = GE.triton_rows(modes=("se", "folded_3x3"), shape=(2, 24, 5, 3), dtype=dtype, phases=("train",))
+    assert {r["T_bytes"] for r in rows} == {2 * 24 * 15 * (2 if dtype == "float16" else 8)}
+    _assert_documented(rows)
+
+
 TOY = r'''
 import json, sys
 sys.path.insert(0, sys.argv[1])
