@@ -23,6 +23,9 @@ Environment switches (the ones flash-attention / xformers users know):
 * ``CMPE_SE_ALLOW_BUILD_FAILURE=1``  install even if an extension fails to compile (it is skipped
   and recorded) instead of failing the build
 * ``FORCE_CUDA=1``                fail the build if the CUDA extension is not built, whatever the reason
+* ``CMPE_SE_DEBUG_INFO=1``        keep host debug info (``-g``, from Python's CFLAGS); by default the
+  C++ units are compiled with ``-g0``, which halves the compile time of the units that include torch
+  headers and shrinks the wheel (torch's own wheels carry no debug info either)
 * ``CMPE_SE_BUILD_ONLY=cpu|cuda`` (development) build only one of the two extensions
 """
 import glob
@@ -42,6 +45,7 @@ BUILD_INFO_FILE = "_build_info.py"
 #: too), H100 SASS, and compute_90 PTX that Blackwell and later GPUs JIT-compile
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-DNDEBUG"]  # CPU kernels: see csrc/cpu/
+CXX_FLAGS_CUDA_HOST = ["-O3", "-std=c++20", "-DNDEBUG"]  # csrc/cuda/bindings.cpp
 NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-Xptxas=-v",
               "--expt-relaxed-constexpr", "-DNDEBUG"]
 NO_TORCH = ("torch is not importable at build time, so no kernel can be compiled: install torch first and "
@@ -52,6 +56,12 @@ NO_TORCH = ("torch is not importable at build time, so no kernel can be compiled
 def _flag(name, env=None):
     env = os.environ if env is None else env
     return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def debug_flags(env=None):
+    """Host-compiler flags appended after Python's CFLAGS (which carry ``-g``): ``-g0`` unless
+    ``CMPE_SE_DEBUG_INFO=1``. forward.cpp: 46 s with -g, 19 s with -g0 (user CPU, 2026-11-30)."""
+    return [] if _flag("CMPE_SE_DEBUG_INFO", env) else ["-g0"]
 
 
 def _say(msg):
@@ -231,7 +241,8 @@ def main():
         for name, sources in plan:
             if name == "_C":
                 ext_modules.append(CppExtension(f"{PACKAGE}._C", sources, include_dirs=include,
-                                                extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"]))
+                                                extra_compile_args={"cxx": CXX_FLAGS + debug_flags()},
+                                                extra_link_args=["-fopenmp"]))
                 continue
             arch_list, source = resolve_arch_list(torch)
             if arch_list is not None:
@@ -245,7 +256,7 @@ def main():
             nvcc_threads = os.environ.get("NVCC_THREADS", "4")
             ext_modules.append(CUDAExtension(
                 f"{PACKAGE}._C_cuda", sources, include_dirs=include,
-                extra_compile_args={"cxx": ["-O3", "-std=c++20", "-DNDEBUG"],
+                extra_compile_args={"cxx": CXX_FLAGS_CUDA_HOST + debug_flags(),
                                     "nvcc": NVCC_FLAGS + ["--threads", nvcc_threads]}))
         cmdclass["build_ext"] = _make_build_ext(BuildExtension).with_options(use_ninja=shutil.which("ninja") is not None)
     for name, why in skipped.items():

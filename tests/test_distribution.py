@@ -114,6 +114,42 @@ def test_build_plan_compiles_every_source():
     assert all(s.startswith("csrc/cuda/") for s in sources["_C_cuda"])
 
 
+def test_host_debug_info_is_off_unless_asked():
+    """The C++ units are compiled with -g0 (Python's CFLAGS carry -g, which doubles the compile time
+    of the torch-including units and bloats the wheel); CMPE_SE_DEBUG_INFO=1 keeps -g."""
+    setup = _load_setup()
+    assert setup.debug_flags({}) == ["-g0"]
+    assert setup.debug_flags({"CMPE_SE_DEBUG_INFO": "1"}) == []
+
+
+def _elf_sections(path):
+    """Section names of an ELF shared object (64-bit little-endian), read with the standard library."""
+    import struct
+
+    with open(path, "rb") as fh:
+        data = fh.read()
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, f"{path}: not a 64-bit LE ELF file"
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    str_off = headers[shstrndx][4]
+    return {data[str_off + h[0]:data.index(b"\0", str_off + h[0])].decode() for h in headers}
+
+
+@pytest.mark.parametrize("name", ["_C", "_C_cuda"])
+def test_built_extension_has_no_host_debug_info(name):
+    """What the default build installs: no DWARF in the extension (the -g0 above reached the
+    compiler, after Python's -g). Skipped when that extension is not built here."""
+    found = glob.glob(os.path.join(ROOT, "cmpe_se_fused", f"{name}.*.so"))
+    if not found:
+        pytest.skip(f"cmpe_se_fused.{name} is not built in this checkout")
+    if os.environ.get("CMPE_SE_DEBUG_INFO"):
+        pytest.skip("built with CMPE_SE_DEBUG_INFO set")
+    sections = _elf_sections(found[0])
+    assert ".text" in sections, sorted(sections)  # the reader works
+    assert ".debug_info" not in sections, f"{found[0]} carries host debug info: {sorted(sections)}"
+
+
 @pytest.mark.parametrize("case,env,torch_cuda,cuda_home,want", [
     ("no nvcc", {}, "13.0", None, {"_C_cuda": "nvcc not found"}),
     ("CPU-only torch", {}, None, "/opt/cuda", {"_C_cuda": "CPU-only"}),
