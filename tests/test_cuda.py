@@ -459,7 +459,8 @@ def test_sgd_loop_matches_reference(mode):
 #
 # tests/emulator/: the device code (csrc/kernels/*.cuh) and the launch planner
 # (csrc/cuda/launch_plan.cuh) compiled by the host compiler against a small shim in which every GPU
-# thread is an OS thread. Built once per session (and cached by a hash of its sources under build/).
+# thread is a fiber (a user-space context; a launch's fibers take turns on one OS thread, switching
+# where a GPU thread waits). Built once per session (and cached by a hash of its sources under build/).
 # Bytes moved and coalescing: tests/test_gpu_evidence.py.
 
 def _emu():

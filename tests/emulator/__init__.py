@@ -87,7 +87,7 @@ def build():
 @dataclasses.dataclass(frozen=True)
 class EmuDevice:
     """The emulated device the planner sees: real limits scaled down so that grids stay a few blocks
-    of OS threads and the resident path needs clusters at small shapes."""
+    of GPU threads and the resident path needs clusters at small shapes."""
     cc_major: int = 9
     sms: int = 2
     smem_optin: int = 24 * 1024
