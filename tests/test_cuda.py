@@ -459,7 +459,8 @@ def test_sgd_loop_matches_reference(mode):
 #
 # tests/emulator/: the device code (csrc/kernels/*.cuh) and the launch planner
 # (csrc/cuda/launch_plan.cuh) compiled by the host compiler against a small shim in which every GPU
-# thread is an OS thread. Built once per session (and cached by a hash of its sources under build/).
+# thread is a fiber (a user-space context; a launch's fibers take turns on one OS thread, switching
+# where a GPU thread waits). Built once per session (and cached by a hash of its sources under build/).
 # Bytes moved and coalescing: tests/test_gpu_evidence.py.
 
 def _emu():
@@ -472,16 +473,30 @@ def _emu():
 
 
 def _emulated_case(mode, dtype, shape, cl, training, threads=128, blocks=3, splits=2, fold_width=8, padding=0,
-                   cluster=0):
+                   cluster=0, per_sample=False, eps=1e-5, momentum=0.1, seed=0):
     E = _emu()
     layout = "channels_last" if cl else "nchw"
     geo = {"fold_width": fold_width, "padding": padding}
     fl = E.explicit(mode, shape, dtype, layout=layout, threads=threads, blocks=blocks, splits=splits, cluster=cluster,
-                    **geo)
+                    per_sample=per_sample, **geo)
     bwd_cluster = cluster if mode in ("se", "double_fc") else 0  # the resident backward's modes
     bl = E.explicit(mode, shape, dtype, layout=layout, backward=True, threads=threads, blocks=blocks, splits=splits,
                     cluster=bwd_cluster, **geo)
-    E.run_case(mode, dtype, shape, layout, training, fl, bl, **geo)
+    E.run_case(mode, dtype, shape, layout, training, fl, bl, eps=eps, momentum=momentum, seed=seed, **geo)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", sorted(PAIR_MODES))
+def test_emulated_eps_and_momentum(mode):
+    """Non-default BatchNorm eps and momentum (the pair modes) on every kernel path that reads them:
+    the persistent forward in training (batch statistics, eps, the running-stat update with momentum)
+    and in evaluation (running statistics and eps), the per-sample and the resident forward in
+    evaluation (eps folded into the excitation). Defaults (1e-5, 0.1) would hide a hard-coded value."""
+    kw = {"eps": 0.3, "momentum": 0.35}
+    for training in (True, False):
+        _emulated_case(mode, torch.float32, (3, 16, 4, 4), mode == "pair_1x1", training, **kw)
+    _emulated_case(mode, torch.float32, (3, 16, 4, 4), False, False, per_sample=True, **kw)
+    _emulated_case(mode, torch.float32, (2, 16, 4, 4), True, False, cluster=2, **kw)
 
 
 @pytest.mark.slow

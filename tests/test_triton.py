@@ -159,9 +159,18 @@ def _check(case, fwd_kw=None, bwd_kw=None):
 # CPU (interpreter) and GPU: small shapes
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=["fp32", "fp16", "fp64"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("mode", MODES)
+# Every mode in training and evaluation in fp32; fp16 and fp64 (their own loads, stores and
+# accumulator type) in each mode once, one in training and the other in evaluation, alternating
+# (the interpreter is slow: 20 cases instead of the 30 of mode x training x dtype; all 30 on a GPU).
+MATCH_CASES = ([(m, t, torch.float32) for m in MODES for t in (True, False)]
+               + [(m, (i % 2 == 0) == (dt == torch.float16) or not _CPU_ONLY, dt) for i, m in enumerate(MODES)
+                  for dt in (torch.float16, torch.float64)])
+MATCH_CASES += [] if _CPU_ONLY else [(m, False, dt) for m in MODES for dt in (torch.float16, torch.float64)]
+_DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+@pytest.mark.parametrize("mode,training,dtype", MATCH_CASES,
+                         ids=[f"{m}-{'train' if t else 'eval'}-{_DT_ID[d]}" for m, t, d in MATCH_CASES])
 def test_matches_reference(mode, training, dtype):
     _check(Case(mode, (3, 32, 3, 3), dtype, training=training))
 
@@ -215,6 +224,8 @@ def test_sweep_configs_run(channels_last):
     """Every variant the GPU benchmark sweeps gives the reference's answer."""
     case = Case("pair_2x1", (2, 16, 2, 3), torch.float32, training=True, channels_last=channels_last)
     for _name, fwd, bwd in tk.sweep_configs(case.u):
+        if tk.INTERPRETED and "num_warps" in fwd:  # a launch option only: the interpreter ignores it
+            continue
         _check(case, fwd, bwd)
 
 
@@ -226,6 +237,8 @@ def test_pair_1x1_batch1_eval_and_mixed_layouts():
 
 
 def test_deterministic():
+    if tk.INTERPRETED:  # (on the GPU: this test and test_cuda_deterministic_and_gradcheck)
+        pytest.skip("the interpreter runs the programs of a launch one after another: deterministic by construction")
     case = Case("folded_3x3", (3, 32, 3, 3), torch.float32, training=True)
     runs = []
     for _ in range(2):
@@ -267,8 +280,12 @@ class _TritonLayer(torch.autograd.Function):
         return gu, gx, g1, g1i, g2, gpw, gg, gb, None, None, None, None, None, None
 
 
-GRADCHECK_CASES = [("se", True), ("double_fc", False), ("pair_2x1", True), ("pair_1x1", False),
-                   ("folded_3x3", True), ("folded_3x3", False)]
+# In the interpreter (slow; the kernels' results are compared with the float64 reference, itself
+# gradchecked, by test_matches_reference): one case per kind of backward -- no BN, the identity fc,
+# training BN through the pair view, evaluation BN through the fold. Six on a GPU.
+GRADCHECK_CASES = ([("se", True), ("double_fc", False), ("pair_2x1", True), ("folded_3x3", False)] if _CPU_ONLY else
+                   [("se", True), ("double_fc", False), ("pair_2x1", True), ("pair_1x1", False), ("folded_3x3", True),
+                    ("folded_3x3", False)])
 
 
 @pytest.mark.parametrize("mode,training", GRADCHECK_CASES,
@@ -299,7 +316,11 @@ def _gradcheck(case, fold_width):
     assert torch.autograd.gradcheck(fn, (flat,), fast_mode=True, atol=1e-7, rtol=1e-5)
 
 
-OPCHECK_CASES = [(m, t) for m in MODES for t in (True, False)]
+# The fake kernels depend on which weights are present (fc1_identity: double_fc; pair and BN: the pair
+# modes); the real kernels mutate the running statistics in training pair modes only. One case per
+# mode, training and evaluation of the pair modes both present (the interpreter is slow).
+OPCHECK_CASES = ([("se", True), ("double_fc", False), ("pair_2x1", True), ("pair_1x1", False), ("folded_3x3", True)]
+                 if _CPU_ONLY else [(m, t) for m in MODES for t in (True, False)])
 
 
 @pytest.mark.parametrize("mode,training", OPCHECK_CASES,

@@ -1,8 +1,9 @@
 """The real CUDA kernels on the CPU: a thread-per-GPU-thread emulator, plus an access tracer.
 
 The device code (``csrc/kernels/*.cuh``) and the launch planner (``csrc/cuda/launch_plan.cuh``)
-are compiled by the host compiler against a small shim (``shim/``): every GPU thread is an OS
-thread, ``__syncthreads`` and warp shuffles are barriers, the grid barrier spins on real atomics,
+are compiled by the host compiler against a small shim (``shim/``): every GPU thread is a fiber
+(its own stack; all fibers of a launch take turns on the calling OS thread, switching only where a
+GPU thread waits), ``__syncthreads`` and warp shuffles are barriers, the grid barrier spins on its counters,
 thread-block clusters and distributed shared memory are emulated. ``harness.cpp`` exposes
 ``emu_forward`` / ``emu_backward`` (one pass with a given launch), ``emu_plan`` (the launch the
 binding would pick, on an emulated device) and the tracer of the full-size tensors' global
@@ -86,7 +87,7 @@ def build():
 @dataclasses.dataclass(frozen=True)
 class EmuDevice:
     """The emulated device the planner sees: real limits scaled down so that grids stay a few blocks
-    of OS threads and the resident path needs clusters at small shapes."""
+    of GPU threads and the resident path needs clusters at small shapes."""
     cc_major: int = 9
     sms: int = 2
     smem_optin: int = 24 * 1024
@@ -152,7 +153,8 @@ def _lvec(launch):
 
 # ---- a case against the float64 reference -----------------------------------------------------
 
-def make_case(mode, dtype, shape, layout, training, *, fold_width=8, padding=0, pair_filters=3, reduction=4, seed=0):
+def make_case(mode, dtype, shape, layout, training, *, fold_width=8, padding=0, pair_filters=3, reduction=4, seed=0,
+              momentum=0.1, eps=1e-5):
     from conftest import make_params
 
     _, c, _, _ = shape
@@ -174,7 +176,8 @@ def make_case(mode, dtype, shape, layout, training, *, fold_width=8, padding=0, 
             d[k] = p64[k].float().clone() if k in p64 else torch.zeros(0)
         return d
 
-    kw = {"mode": mode, "training": training, "momentum": 0.1, "eps": 1e-5, "fold_width": fold_width,
+    # (the op takes a float momentum; the module's bn_momentum=None is 1 / num_batches_tracked per step)
+    kw = {"mode": mode, "training": training, "momentum": momentum, "eps": eps, "fold_width": fold_width,
           "padding": padding}
     return build_args(dtype, acc), build_args(torch.float64, torch.float64), build_args(dtype, acc), kw
 
@@ -198,7 +201,7 @@ def bwd_args(dy, d, saved, kw):
 
 
 def run_case(mode, dtype, shape, layout, training, fwd_launch, bwd_launch, *, check=True, fold_width=8, padding=0,
-             pair_filters=3, reduction=4):
+             pair_filters=3, reduction=4, momentum=0.1, eps=1e-5, seed=0):
     """Forward then backward with the given launches; with ``check``, every output against the
     float64 reference with the eager-error tolerance rule (conftest.assert_close_rule)."""
     from conftest import assert_close_rule
@@ -207,9 +210,9 @@ def run_case(mode, dtype, shape, layout, training, fwd_launch, bwd_launch, *, ch
 
     emu = build()
     d, d64, de, kw = make_case(mode, dtype, shape, layout, training, fold_width=fold_width, padding=padding,
-                               pair_filters=pair_filters, reduction=reduction)
+                               pair_filters=pair_filters, reduction=reduction, momentum=momentum, eps=eps, seed=seed)
     cl = _layout_cl(layout, shape)
-    tag = f"{mode}/{dtype}/{shape}/{layout}/train={training}"
+    tag = f"{mode}/{dtype}/{shape}/{layout}/train={training}/eps={eps}/momentum={momentum}"
     out = emu.emu_forward(*fwd_args(d, kw), cl, _lvec(fwd_launch))
     grads = emu.emu_backward(*bwd_args(d["dy"], d, out, kw), cl, _lvec(bwd_launch))
     if not check:

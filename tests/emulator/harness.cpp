@@ -1,6 +1,10 @@
 #include <torch/extension.h>
 #include <cxxabi.h>
 #include <dlfcn.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <cstdio>
+#include <functional>
 #include <memory>
 #include "cuda_runtime.h"
 #include "kernels/forward.cuh"
@@ -10,10 +14,11 @@
 #include "cuda/launch_plan.cuh"
 
 namespace emu {
-thread_local emu_dim3 tl_tid, tl_bid;
+emu_dim3 tl_tid, tl_bid;
 emu_dim3 g_bdim, g_gdim;
-thread_local Block* tl_block;
-thread_local std::vector<Event>* tl_events = nullptr;
+Block* tl_block;
+std::vector<Event>* tl_events = nullptr;
+unsigned long g_progress = 0;
 std::vector<Range> g_ranges;
 std::vector<std::vector<Event>> g_events;
 bool g_tracing = false;
@@ -27,6 +32,28 @@ std::vector<int64_t> g_launch_threads;  // threads per block of each traced laun
 
 using namespace cmpe_se;
 using at::Tensor;
+
+// ---- fibers: every GPU thread of a launch is a ucontext on the calling OS thread ----
+namespace emu {
+constexpr size_t kStack = 256 * 1024;  // per GPU thread (pages are touched lazily); one guard page below
+struct Fiber {
+  ucontext_t ctx;
+  void* mem = nullptr;
+  bool done = false;
+  emu_dim3 tid, bid;
+  Block* block = nullptr;
+  std::vector<Event>* events = nullptr;
+};
+ucontext_t g_sched;
+Fiber* g_cur = nullptr;
+const std::function<void()>* g_kernel = nullptr;
+void yield() { swapcontext(&g_cur->ctx, &g_sched); }
+void fiber_main() {
+  (*g_kernel)();
+  g_cur->done = true;
+  ++g_progress;
+}  // returns to g_sched through uc_link
+}  // namespace emu
 
 template <typename F>
 void run_grid(int blocks, int threads, size_t smem, F kernel, int cluster = 1) {
@@ -54,17 +81,58 @@ void run_grid(int blocks, int threads, size_t smem, F kernel, int cluster = 1) {
     bl.push_back(std::move(blk));
   }
   if (emu::g_tracing) emu::g_events.assign((size_t)blocks * threads, {});
-  std::vector<std::thread> ts;
+  const std::function<void()> body = kernel;
+  emu::g_kernel = &body;
+  const size_t page = 4096, total = emu::kStack + page;
+  std::vector<emu::Fiber> fibers((size_t)blocks * threads);
   for (int b = 0; b < blocks; ++b)
-    for (int t = 0; t < threads; ++t)
-      ts.emplace_back([&, b, t] {
-        emu::tl_tid = {(unsigned)t, 0, 0};
-        emu::tl_bid = {(unsigned)b, 0, 0};
-        emu::tl_block = bl[b].get();
-        emu::tl_events = emu::g_tracing ? &emu::g_events[(size_t)b * threads + t] : nullptr;
-        kernel();
-      });
-  for (auto& t : ts) t.join();
+    for (int t = 0; t < threads; ++t) {
+      emu::Fiber& f = fibers[(size_t)b * threads + t];
+      f.tid = {(unsigned)t, 0, 0};
+      f.bid = {(unsigned)b, 0, 0};
+      f.block = bl[b].get();
+      f.events = emu::g_tracing ? &emu::g_events[(size_t)b * threads + t] : nullptr;
+      f.mem = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (f.mem == MAP_FAILED) { std::fprintf(stderr, "emulator: mmap of a fiber stack failed\n"); std::abort(); }
+      mprotect(f.mem, page, PROT_NONE);  // a stack overflow faults instead of corrupting the next stack
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = static_cast<char*>(f.mem) + page;
+      f.ctx.uc_stack.ss_size = emu::kStack;
+      f.ctx.uc_link = &emu::g_sched;
+      makecontext(&f.ctx, emu::fiber_main, 0);
+    }
+  // round robin: each fiber runs until it waits (a barrier, a shuffle, a spin) or finishes
+  size_t live = fibers.size();
+  int idle_rounds = 0;
+  while (live > 0) {
+    const unsigned long before = emu::g_progress;
+    for (auto& f : fibers) {
+      if (f.done) continue;
+      emu::g_cur = &f;
+      emu::tl_tid = f.tid;
+      emu::tl_bid = f.bid;
+      emu::tl_block = f.block;
+      emu::tl_events = f.events;
+      swapcontext(&emu::g_sched, &f.ctx);
+      if (f.done) {
+        --live;
+        munmap(f.mem, total);
+        f.mem = nullptr;
+      }
+    }
+    // a round in which no fiber arrived at a barrier, made an atomic or finished: every live fiber
+    // waits for something no other can do (a divergent __syncthreads, a missing block at a grid
+    // barrier); the GPU would hang, the emulator stops the process
+    idle_rounds = emu::g_progress == before ? idle_rounds + 1 : 0;
+    if (idle_rounds > 100000) {
+      std::fprintf(stderr, "emulator: deadlock (%zu of %zu GPU threads wait forever)\n", live, fibers.size());
+      std::abort();
+    }
+  }
+  emu::g_cur = nullptr;
+  emu::tl_block = nullptr;
+  emu::tl_events = nullptr;
+  emu::g_kernel = nullptr;
   if (emu::g_tracing) {
     for (size_t gt = 0; gt < emu::g_events.size(); ++gt)
       for (const auto& e : emu::g_events[gt]) {

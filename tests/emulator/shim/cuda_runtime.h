@@ -1,4 +1,8 @@
-// Host emulator of the CUDA features the cmpe_se kernels use: every GPU thread is an OS thread.
+// Host emulator of the CUDA features the cmpe_se kernels use: every GPU thread is a fiber (a
+// user-space context with its own stack, harness.cpp run_grid), all of a launch's fibers run on the
+// calling OS thread, round robin; a fiber gives up the CPU only where a GPU thread would wait
+// (__syncthreads, a warp shuffle, a cluster barrier, __nanosleep in a grid-barrier spin), so a
+// barrier costs two context switches per thread instead of an OS-level wake-up of every thread.
 // Also a tracer of the global-memory accesses of the full-size tensors: the vector helpers of
 // kernels/common.cuh (load_raw, load_vec, store_vec) call CMPE_SE_TRACE_GLOBAL, which records
 // (address, bytes, load/store, call site, grid-barrier epoch) per GPU thread when tracing is on and
@@ -8,11 +12,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 #define __device__
@@ -24,15 +25,15 @@
 
 struct emu_dim3 { unsigned x, y, z; };
 namespace emu {
+void yield();               // back to the scheduler (harness.cpp): the other fibers run, then this one resumes
+extern unsigned long g_progress;  // barrier arrivals, atomics, finished fibers (the scheduler's deadlock check)
 struct Barrier {
   int n = 0, count = 0, gen = 0;
-  std::mutex m;
-  std::condition_variable cv;
   void wait() {
-    std::unique_lock<std::mutex> lk(m);
-    int g = gen;
-    if (++count == n) { count = 0; ++gen; cv.notify_all(); }
-    else cv.wait(lk, [&] { return gen != g; });
+    const int g = gen;
+    ++g_progress;
+    if (++count == n) { count = 0; ++gen; return; }
+    while (gen == g) yield();
   }
 };
 struct Event {
@@ -61,10 +62,10 @@ struct Block {
   Barrier* cbar = nullptr;             // barrier of this block's cluster (threads * cluster)
   std::vector<Block*>* all = nullptr;  // every block of the grid
 };
-extern thread_local emu_dim3 tl_tid, tl_bid;
+extern emu_dim3 tl_tid, tl_bid;         // the running fiber's (set by the scheduler at each switch)
 extern emu_dim3 g_bdim, g_gdim;
-extern thread_local Block* tl_block;
-extern thread_local std::vector<Event>* tl_events;
+extern Block* tl_block;
+extern std::vector<Event>* tl_events;
 inline void trace(const void* p, unsigned bytes, bool store, const void* site) {
   if (!g_tracing || tl_events == nullptr) return;
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
@@ -116,10 +117,13 @@ inline T __shfl_xor_sync(unsigned, T v, int o) {
 }
 inline unsigned atomicAdd(unsigned* p, unsigned v) {
   if (p == emu::g_barrier_counter) ++emu::tl_block->epoch;  // a block arrives at a grid barrier
-  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+  ++emu::g_progress;
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
 }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-inline void __nanosleep(unsigned) { std::this_thread::yield(); }
+inline void __threadfence() {}  // one OS thread: every store is visible to the next fiber
+inline void __nanosleep(unsigned) { emu::yield(); }
 inline void __trap() { std::abort(); }
 inline float __expf(float x) { return std::exp(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
