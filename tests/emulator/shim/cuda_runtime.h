@@ -10,7 +10,6 @@
 // moved and 32-byte-sector coalescing).
 #pragma once
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
