@@ -333,16 +333,10 @@ def model_rows(run_dir=H200_RUN, measured_dir=None):
     for net, stage, c, h in (("wrn28-10", "s1", 160, 32), ("resnet164", "s3", 256, 8)):
         for dt, elem in (("fp32", 4), ("bf16", 2)):
             T = 128 * c * h * h * elem
-            mac = _excite_macs(c, max(1, c // 16), 128, "se")
             for pas in ("fwd", "bwd"):
-                a, b, bw, _ = cal[pas]
                 for prov, mult in (("cuda", 5), ("cuda@resident", 3 if pas == "fwd" else 4)):
-                    # resident: no grid barrier; its fixed cost is taken as a third of the persistent
-                    # one (a launch instead of a launch + barriers): an assumption, not a fit
-                    fixed = a if prov == "cuda" else a / 3
-                    t = fixed + mult * T / (bw * 1e3) + b * mac
                     rows.append({"shape": f"{net}/{stage} N=128 C={c} {h}x{h}", "dtype": dt, "pass": pas,
-                                 "provider": prov, "bytes_T": mult, "model_us": t,
+                                 "provider": prov, "bytes_T": mult, "model_us": _model_us(cal, pas, prov, T, c, 128),
                                  "measured_us": measured.get((net, stage, dt, pas, prov))})
     return rows, cal
 
@@ -358,7 +352,9 @@ def _model_us(cal, pas, provider, T, c, n):
     a, b, bw, _ = cal[pas]
     resident = variant.startswith("resident")
     mult = (3 if pas == "fwd" else 4) if resident else 5
-    fixed = a / 3 if resident else a  # as model_rows: an assumption for the resident path
+    # resident: no grid barrier; its fixed cost is taken as a third of the persistent one (a launch
+    # instead of a launch + barriers): an assumption, not a fit
+    fixed = a / 3 if resident else a
     return fixed + mult * T / (bw * 1e3) + b * _excite_macs(c, max(1, c // 16), n, "se")
 
 
