@@ -7,22 +7,27 @@ GPU thread waits), ``__syncthreads`` and warp shuffles are barriers, the grid ba
 thread-block clusters and distributed shared memory are emulated. ``harness.cpp`` exposes
 ``emu_forward`` / ``emu_backward`` (one pass with a given launch), ``emu_plan`` (the launch the
 binding would pick, on an emulated device) and the tracer of the full-size tensors' global
-accesses (``emu_trace``, ``emu_trace_take``, ``emu_site_names``).
+accesses (``emu_trace``, ``emu_trace_take``, ``emu_site_names``) as a C interface: a plain shared
+library without torch headers (a translation unit with torch's headers costs about 40 s of CPU
+here), loaded with ctypes; ``_Emulator`` below allocates the tensors and passes data pointers.
 
 What it checks: indexing, the barrier/phase structure, the numerics of the actual kernels, the
 planner's choices and workspace layout, bytes moved and the 32-byte sectors each warp-level access
 touches. What it cannot check: the GPU memory model, real occupancy, cooperative / cluster
 launches, graph capture, speed (docs/CUDA.md).
 
-The extension is built once per source hash (``build/emulator-<hash>/``) and once per process.
+The library is built once per source hash (``build/emulator-<hash>/``) and loaded once per process.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import os
 import shutil
+import subprocess
 import threading
 
 import torch
@@ -38,9 +43,8 @@ _module = None
 
 
 def sources() -> list[str]:
-    """Every file the kernels' translation unit (harness.cpp) depends on. The build folder and the
-    module name carry their hash; module.cpp (the Python bindings only) is rebuilt in place by
-    ninja when it changes."""
+    """Every file the emulator library (harness.cpp, one translation unit) depends on; the build
+    folder carries their hash."""
     files = [os.path.join(HERE, "harness.cpp")] + sorted(glob.glob(os.path.join(HERE, "shim", "*.h")))
     files += sorted(glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cuh")))
     files += [os.path.join(ROOT, "csrc", "cmpe_se.h"), os.path.join(ROOT, "csrc", "cuda", "launch_plan.cuh")]
@@ -54,32 +58,174 @@ def source_hash() -> str:
         with open(f, "rb") as fh:
             h.update(fh.read())
     h.update(" ".join(CFLAGS).encode())
-    h.update(torch.__version__.encode())
     return h.hexdigest()[:12]
 
 
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+
+
 def have_compiler() -> bool:
-    return shutil.which("c++") is not None or shutil.which("g++") is not None
+    return compiler() is not None
+
+
+def _compile(out: str) -> None:
+    """One plain shared library, no torch headers (the Python side allocates every tensor)."""
+    tmp = f"{out}.{os.getpid()}.tmp"
+    cmd = [compiler(), *CFLAGS, "-shared", "-fPIC", "-I", os.path.join(HERE, "shim"), "-I", os.path.join(ROOT, "csrc"),
+           os.path.join(HERE, "harness.cpp"), "-o", tmp, "-ldl"]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"building the CUDA emulator failed ({' '.join(cmd)}):\n{res.stderr[-6000:]}")
+    os.replace(tmp, out)
 
 
 def build():
-    """The compiled emulator (built at most once per process; reused across processes while the
-    sources are unchanged: torch's extension loader finds the finished build in the folder)."""
+    """The compiled emulator (built at most once per source hash: later processes, and the other
+    pytest-xdist workers, find the finished library in build/emulator-<hash>/ and wait on its lock
+    while one of them builds it)."""
     global _module
     with _lock:
         if _module is not None:
             return _module
-        from torch.utils import cpp_extension
-
         digest = source_hash()
         build_dir = os.path.join(ROOT, "build", f"emulator-{digest}")
         os.makedirs(build_dir, exist_ok=True)
-        _module = cpp_extension.load(
-            f"cmpe_se_cuda_emulator_{digest}",
-            sources=[os.path.join(HERE, "harness.cpp"), os.path.join(HERE, "module.cpp")],
-            extra_include_paths=[os.path.join(HERE, "shim"), os.path.join(ROOT, "csrc")],
-            extra_cflags=CFLAGS, build_directory=build_dir, verbose=False)
+        lib = os.path.join(build_dir, "libcmpe_se_emulator.so")
+        with open(os.path.join(build_dir, "lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not os.path.exists(lib):
+                    _compile(lib)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        _module = _Emulator(lib)
         return _module
+
+
+# ---- the library's C interface, with the calls of the former torch extension -------------------
+
+_MODES = {"se": 0, "double_fc": 1, "pair_2x1": 2, "pair_1x1": 3, "folded_3x3": 4}
+_KERNEL_TAPS = {"pair_2x1": 2, "pair_1x1": 1, "folded_3x3": 9}
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def _i64(values):
+    return (ctypes.c_int64 * len(values))(*[int(v) for v in values])
+
+
+def _ptr(t):
+    return None if t is None or t.numel() == 0 else ctypes.c_void_p(t.data_ptr())
+
+
+class _Emulator:
+    """ctypes front of libcmpe_se_emulator.so (harness.cpp); a method per entry point."""
+
+    def __init__(self, path: str):
+        lib = ctypes.CDLL(path)
+        lib.emu_last_error.restype = ctypes.c_char_p
+        lib.emu_trace_rows.restype = ctypes.c_int64
+        lib.emu_trace_launches.restype = ctypes.c_int64
+        lib.emu_workspace_bytes.restype = ctypes.c_int64
+        lib.emu_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                    ctypes.c_int, ctypes.c_double, ctypes.c_double]
+        lib.emu_backward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        self._lib = lib
+        self.path = path
+
+    def _call(self, rc):
+        if rc != 0:
+            raise RuntimeError(self._lib.emu_last_error().decode())
+
+    @staticmethod
+    def _geom(n, c, h, w, mode, e, r, dz, m, pad, cl):
+        return _i64([n, c, h, w, _MODES[mode], e, _KERNEL_TAPS.get(mode, 1), r, dz, m, pad, cl])
+
+    @staticmethod
+    def _plan_geom(n, c, h, w, mode, e, r, m, pad, cl):
+        if mode in _KERNEL_TAPS:
+            dz = c if mode == "pair_2x1" else 2 * c if mode == "pair_1x1" else \
+                (2 * (c // m) - 2 + 2 * pad) * (m - 2 + 2 * pad)
+        else:
+            dz = c
+        return _Emulator._geom(n, c, h, w, mode, e, r, dz, m, pad, cl)
+
+    def emu_plan(self, n, c, h, w, mode, e, r, m, pad, cl, backward, training, elem, aligned, opts, dev):
+        out = (ctypes.c_int64 * 11)()
+        self._call(self._lib.emu_plan(self._plan_geom(n, c, h, w, mode, e, r, m, pad, cl), int(backward),
+                                      int(training), int(elem), int(aligned), _i64(opts), _i64(dev), out))
+        return list(out)
+
+    def emu_explicit(self, n, c, h, w, mode, e, r, m, pad, cl, backward, elem, threads, blocks, splits, vec, cluster,
+                     per_sample):
+        out = (ctypes.c_int64 * 10)()
+        self._call(self._lib.emu_explicit(self._plan_geom(n, c, h, w, mode, e, r, m, pad, cl), int(backward),
+                                          int(elem), ctypes.c_int64(threads), ctypes.c_int64(blocks),
+                                          ctypes.c_int64(splits), ctypes.c_int64(vec), ctypes.c_int64(cluster),
+                                          int(per_sample), out))
+        return list(out)
+
+    def _pass_geom(self, u, mode, fc1, pw, m, pad, cl):
+        n, c, h, w = u.shape
+        e = pw.shape[0] if pw is not None and mode in _KERNEL_TAPS else 0
+        return self._geom(n, c, h, w, mode, e, fc1.shape[0], fc1.shape[1], m, pad, cl), e
+
+    def _workspace(self, gv, launch, backward, acc_bytes, like):
+        total = self._lib.emu_workspace_bytes(gv, launch, int(backward), acc_bytes)
+        ws = torch.full((total,), 0x7F, dtype=torch.uint8, device=like.device)
+        ws[:16].zero_()  # the header (counters) zeroed, the rest garbage, as the binding lays it out
+        return ws
+
+    def emu_forward(self, u, x, fc1, fc1i, fc2, pw, bw, bb, rm, rv, mode, training, momentum, eps, m, pad, cl,
+                    launch):
+        gv, e = self._pass_geom(u, mode, fc1, pw, m, pad, cl)
+        acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+        n, c = u.shape[:2]
+        rh = 2 * fc1.shape[0] if mode == "double_fc" else fc1.shape[0]
+        y = torch.empty_like(u)
+        pu, px, gate = (torch.empty(n, c, dtype=acc) for _ in range(3))
+        hid, bm, bi = torch.empty(n, rh, dtype=acc), torch.empty(e, dtype=acc), torch.empty(e, dtype=acc)
+        lv = _i64(launch)
+        ws = self._workspace(gv, lv, False, acc.itemsize, u)
+        ptrs = (ctypes.c_void_p * 18)(*[_ptr(t) for t in (u, x, y, fc1, fc1i, fc2, pw, bw, bb, rm, rv, pu, px, gate,
+                                                          hid, bm, bi, ws)])
+        self._call(self._lib.emu_forward(ptrs, gv, lv, _DTYPE_CODES[u.dtype], _DTYPE_CODES.get(rm.dtype, 0),
+                                         int(training), float(momentum), float(eps)))
+        return [y, pu, px, gate, hid, bm, bi]
+
+    def emu_backward(self, dy, u, pu, px, gate, hid, bm, bi, fc1, fc1i, fc2, pw, bw, bb, mode, training, m, pad, cl,
+                     launch):
+        gv, e = self._pass_geom(u, mode, fc1, pw, m, pad, cl)
+        acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+        gu, gx = torch.empty_like(u), torch.empty_like(u)
+        d1, d2 = torch.empty(fc1.shape, dtype=acc), torch.empty(fc2.shape, dtype=acc)
+        d1i = torch.empty(fc1i.shape, dtype=acc) if fc1i is not None else torch.empty(0, dtype=acc)
+        dp = torch.empty(pw.shape, dtype=acc) if pw is not None else torch.empty(0, dtype=acc)
+        dbw, dbb = torch.empty(e, dtype=acc), torch.empty(e, dtype=acc)
+        lv = _i64(launch)
+        ws = self._workspace(gv, lv, True, acc.itemsize, u)
+        ptrs = (ctypes.c_void_p * 23)(*[_ptr(t) for t in (dy, u, gu, gx, pu, px, gate, hid, bm, bi, fc1, fc1i, fc2, pw,
+                                                          bw, bb, d1, d1i, d2, dp, dbw, dbb, ws)])
+        self._call(self._lib.emu_backward(ptrs, gv, lv, _DTYPE_CODES[u.dtype], int(training)))
+        return [gu, gx, d1, d1i, d2, dp, dbw, dbb]
+
+    def emu_trace(self, on):
+        self._lib.emu_trace(int(on))
+
+    def emu_trace_take(self):
+        rows, launches = self._lib.emu_trace_rows(), self._lib.emu_trace_launches()
+        ev = torch.empty(rows, 8, dtype=torch.int64)
+        th = torch.empty(launches, dtype=torch.int64)
+        self._lib.emu_trace_take(ctypes.c_void_p(ev.data_ptr()), ctypes.c_void_p(th.data_ptr()))
+        return [ev, th]
+
+    def emu_site_names(self, sites):
+        buf = ctypes.create_string_buffer(4096)
+        names = []
+        for s in sites.tolist():
+            self._lib.emu_site_name(ctypes.c_int64(s), buf, ctypes.c_int64(len(buf)))
+            names.append(buf.value.decode(errors="replace"))
+        return names
 
 
 # ---- devices ----------------------------------------------------------------------------------

@@ -1,4 +1,3 @@
-#include <torch/extension.h>
 #include <cxxabi.h>
 #include <dlfcn.h>
 #include <sys/mman.h>
@@ -6,6 +5,9 @@
 #include <cstdio>
 #include <functional>
 #include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
 #include "cuda_runtime.h"
 #include "kernels/forward.cuh"
 #include "kernels/resident.cuh"
@@ -31,7 +33,6 @@ std::vector<int64_t> g_launch_threads;  // threads per block of each traced laun
 }
 
 using namespace cmpe_se;
-using at::Tensor;
 
 // ---- fibers: every GPU thread of a launch is a ucontext on the calling OS thread ----
 namespace emu {
@@ -146,96 +147,68 @@ void run_grid(int blocks, int threads, size_t smem, F kernel, int cluster = 1) {
   }
 }
 
-// ---- tracing API (tests/emulator/__init__.py) ----
-void set_ranges(std::initializer_list<const Tensor*> ts) {
-  emu::g_ranges.clear();
-  for (const Tensor* t : ts) {
-    const auto b = reinterpret_cast<uintptr_t>(t->data_ptr());
-    emu::g_ranges.push_back({b, b + (uintptr_t)t->numel() * t->element_size()});
+// ---- the C interface (tests/emulator/__init__.py loads this library with ctypes) ----
+// No torch headers: the Python side allocates every tensor and passes data pointers and sizes.
+// Every entry point returns 0, or -1 with the message in emu_last_error().
+namespace {
+std::string g_error;
+
+template <typename F>
+int guarded(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    g_error = e.what();
+    return -1;
   }
 }
 
-void emu_trace(bool on) {
-  emu::g_tracing = on;
-  emu::g_log.clear();
-  emu::g_launch = 0;
-  emu::g_launch_threads.clear();
+void check(bool ok, const std::string& msg) {
+  if (!ok) throw std::runtime_error(msg);
 }
 
-// The events since emu_trace(true), [E, 8] int64 (see g_log), and the threads per block of each launch.
-std::vector<Tensor> emu_trace_take() {
-  const int64_t rows = (int64_t)emu::g_log.size() / 8;
-  Tensor ev = torch::from_blob(emu::g_log.data(), {rows, 8}, torch::kInt64).clone();
-  Tensor th = torch::tensor(emu::g_launch_threads, torch::kInt64);
-  emu::g_log.clear();
-  emu::g_launch_threads.clear();
-  emu::g_launch = 0;
-  return {ev, th};
-}
-
-// Demangled name of the function containing each code address (the call sites of the helpers).
-std::vector<std::string> emu_site_names(Tensor sites) {
-  std::vector<std::string> out;
-  auto acc = sites.contiguous();
-  const int64_t* s = acc.data_ptr<int64_t>();
-  for (int64_t i = 0; i < acc.numel(); ++i) {
-    Dl_info info{};
-    std::string name = "?";
-    if (dladdr(reinterpret_cast<void*>(s[i]), &info) && info.dli_sname) {
-      int st = 0;
-      char* d = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &st);
-      name = st == 0 && d ? d : info.dli_sname;
-      std::free(d);
-    }
-    out.push_back(name);
-  }
-  return out;
-}
-
-Mode parse(const std::string& s) {
-  if (s == "se") return Mode::SE;
-  if (s == "double_fc") return Mode::DOUBLE_FC;
-  if (s == "pair_2x1") return Mode::PAIR_2X1;
-  if (s == "pair_1x1") return Mode::PAIR_1X1;
-  return Mode::FOLDED_3X3;
-}
-
-Geometry geom(const Tensor& u, Mode mode, const Tensor& fc1, const c10::optional<Tensor>& pw, int64_t m, int64_t pad,
-              bool cl) {
+// The geometry vector of the Python side: [N, C, H, W, mode, e, K, r, Dz, fold_m, pad, channels_last]
+// (mode: 0 se, 1 double_fc, 2 pair_2x1, 3 pair_1x1, 4 folded_3x3; the numbering of cmpe_se::Mode).
+Geometry geom_of(const int64_t* v) {
   Geometry g{};
-  g.N = u.size(0); g.C = u.size(1); g.P = u.size(2) * u.size(3);
-  g.channels_last = cl; g.mode = mode;
-  g.r = fc1.size(0); g.Dz = fc1.size(1); g.Rh = mode == Mode::DOUBLE_FC ? 2 * g.r : g.r;
-  g.K = 1; g.fold_m = m; g.pad = pad;
-  if (is_pair_mode(mode)) {
-    g.e = pw->size(0); g.K = pw->size(2) * pw->size(3);
-    if (mode == Mode::PAIR_2X1) g.L = g.C;
-    else if (mode == Mode::PAIR_1X1) g.L = 2 * g.C;
-    else { g.Ho = 2 * (g.C / m) - 2 + 2 * pad; g.Wo = m - 2 + 2 * pad; g.L = g.Ho * g.Wo; }
+  g.N = v[0]; g.C = v[1]; g.P = v[2] * v[3];
+  g.mode = static_cast<Mode>(v[4]);
+  g.r = v[7]; g.Dz = v[8]; g.Rh = g.mode == Mode::DOUBLE_FC ? 2 * g.r : g.r;
+  g.K = 1; g.fold_m = v[9]; g.pad = v[10]; g.channels_last = v[11] != 0; g.e = 0; g.L = 0;
+  if (is_pair_mode(g.mode)) {
+    g.e = v[5]; g.K = v[6];
+    if (g.mode == Mode::PAIR_2X1) g.L = g.C;
+    else if (g.mode == Mode::PAIR_1X1) g.L = 2 * g.C;
+    else { g.Ho = 2 * (g.C / g.fold_m) - 2 + 2 * g.pad; g.Wo = g.fold_m - 2 + 2 * g.pad; g.L = g.Ho * g.Wo; }
   }
   return g;
 }
 
+// element type codes of the Python side: 0 float32, 1 float64, 2 float16, 3 bfloat16
 template <typename F>
-void dispatch(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kDouble: f(double{}); break;
-    case at::kHalf: f(__half{}); break;
+void dispatch(int code, F&& f) {
+  switch (code) {
+    case 0: f(float{}); break;
+    case 1: f(double{}); break;
+    case 2: f(__half{}); break;
     default: f(__nv_bfloat16{}); break;
   }
 }
 
-void* ptr(const c10::optional<Tensor>& t) { return t && t->defined() && t->numel() ? t->data_ptr() : nullptr; }
+StatDtype stat_of(int code) {
+  return code == 1 ? StatDtype::F64 : code == 2 ? StatDtype::F16 : code == 3 ? StatDtype::BF16 : StatDtype::F32;
+}
 
 // ---- launch configurations ----
 // A Launch as a vector (Python side: tests/emulator/__init__.py LAUNCH_FIELDS):
 // [threads, blocks, splits, cv, gw, vec, smem, cooperative, per_sample, cluster]
-std::vector<int64_t> launch_vec(const Launch& l) {
-  return {l.threads, l.blocks, l.splits, l.cv, l.gw, l.vec, (int64_t)l.smem, l.cooperative, l.per_sample, l.cluster};
+void launch_vec(const Launch& l, int64_t* v) {
+  const int64_t f[10] = {l.threads, l.blocks, l.splits, l.cv, l.gw, l.vec, (int64_t)l.smem, l.cooperative,
+                         l.per_sample, l.cluster};
+  std::copy(f, f + 10, v);
 }
-Launch launch_of(const std::vector<int64_t>& v) {
-  TORCH_CHECK(v.size() == 10, "launch vector of 10 fields expected");
+Launch launch_of(const int64_t* v) {
   Launch l{};
   l.threads = (int)v[0]; l.blocks = (int)v[1]; l.splits = (int)v[2]; l.cv = (int)v[3]; l.gw = (int)v[4];
   l.vec = (int)v[5]; l.smem = (size_t)v[6]; l.cooperative = v[7] != 0; l.per_sample = v[8] != 0; l.cluster = (int)v[9];
@@ -267,8 +240,7 @@ Launch explicit_launch(const Geometry& g, bool bwd, int elem, int acc, int64_t t
 
 // DeviceLimits from a vector [cc_major, sms, smem_optin, smem_per_sm, regs_per_sm, max_threads_per_sm,
 // max_blocks_per_sm] (the emulated device; H100 numbers in csrc/cuda/launch_plan.cuh).
-DeviceLimits limits_of(const std::vector<int64_t>& v) {
-  TORCH_CHECK(v.size() == 7, "device vector of 7 fields expected");
+DeviceLimits limits_of(const int64_t* v) {
   DeviceLimits d{};
   d.name = "emulated";
   d.cc_major = (int)v[0]; d.sms = (int)v[1]; d.smem_optin = (size_t)v[2]; d.smem_per_sm = (size_t)v[3];
@@ -279,162 +251,169 @@ DeviceLimits limits_of(const std::vector<int64_t>& v) {
 // Registers per thread of the kernels for the occupancy model (ptxas, sm_90: docs/CUDA.md).
 constexpr int kRegsPersistent = 128, kRegsResident = 96;
 
+void set_ranges(std::initializer_list<std::pair<const void*, int64_t>> ts) {
+  emu::g_ranges.clear();
+  for (const auto& t : ts) {
+    const auto b = reinterpret_cast<uintptr_t>(t.first);
+    emu::g_ranges.push_back({b, b + (uintptr_t)t.second});
+  }
+}
+}  // namespace
+
+extern "C" {
+
+const char* emu_last_error() { return g_error.c_str(); }
+
+void emu_trace(int on) {
+  emu::g_tracing = on != 0;
+  emu::g_log.clear();
+  emu::g_launch = 0;
+  emu::g_launch_threads.clear();
+}
+
+// The events since emu_trace(1): rows of 8 int64 (see g_log), and the number of traced launches.
+int64_t emu_trace_rows() { return (int64_t)emu::g_log.size() / 8; }
+int64_t emu_trace_launches() { return (int64_t)emu::g_launch_threads.size(); }
+// Copies the events ([rows, 8]) and the threads per block of each launch, then clears them.
+void emu_trace_take(int64_t* events, int64_t* threads) {
+  std::copy(emu::g_log.begin(), emu::g_log.end(), events);
+  std::copy(emu::g_launch_threads.begin(), emu::g_launch_threads.end(), threads);
+  emu::g_log.clear();
+  emu::g_launch_threads.clear();
+  emu::g_launch = 0;
+}
+
+// Demangled name of the function containing a code address (the call site of a helper), into buf.
+void emu_site_name(int64_t site, char* buf, int64_t n) {
+  Dl_info info{};
+  std::string name = "?";
+  if (dladdr(reinterpret_cast<void*>(site), &info) && info.dli_sname) {
+    int st = 0;
+    char* d = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &st);
+    name = st == 0 && d ? d : info.dli_sname;
+    std::free(d);
+  }
+  std::snprintf(buf, (size_t)n, "%s", name.c_str());
+}
 
 // The planner of csrc/cuda/launch_plan.cuh on the emulated device: the Launch the binding would
-// use for this shape and these options, plus [workspace bytes] at the end.
-std::vector<int64_t> emu_plan(int64_t N, int64_t C, int64_t H, int64_t W, std::string mode_s, int64_t e, int64_t r,
-                              int64_t m, int64_t pad, bool cl, bool backward, bool training, int64_t elem,
-                              bool aligned, std::vector<int64_t> opts, std::vector<int64_t> dev) {
-  // opts: [threads, max_blocks, splits, vec, coop, path, cluster]
-  TORCH_CHECK(opts.size() == 7, "options vector of 7 fields expected");
-  PlanOptions o;
-  o.threads = clamp_threads((int)opts[0]); o.max_blocks = (int)opts[1]; o.splits = (int)opts[2]; o.vec = opts[3] != 0;
-  o.coop = opts[4] != 0; o.path = (CudaPath)opts[5]; o.cluster = (int)opts[6];
-  const DeviceLimits d = limits_of(dev);
-  Geometry g{};
-  g.N = N; g.C = C; g.P = H * W; g.channels_last = cl; g.mode = parse(mode_s);
-  g.r = r; g.Rh = g.mode == Mode::DOUBLE_FC ? 2 * r : r; g.K = 1; g.fold_m = m; g.pad = pad; g.e = 0; g.L = 0;
-  if (is_pair_mode(g.mode)) {
-    g.e = e;
-    g.K = g.mode == Mode::FOLDED_3X3 ? 9 : g.mode == Mode::PAIR_2X1 ? 2 : 1;
-    if (g.mode == Mode::PAIR_2X1) g.L = g.C;
-    else if (g.mode == Mode::PAIR_1X1) g.L = 2 * g.C;
-    else { g.Ho = 2 * (g.C / m) - 2 + 2 * pad; g.Wo = m - 2 + 2 * pad; g.L = g.Ho * g.Wo; }
-  }
-  g.Dz = is_pair_mode(g.mode) ? g.L : g.C;
-  const int acc = elem == 8 ? 8 : 4;
-  const Plan pl = plan_pass(
-      g, backward, training, (int)elem, acc, aligned, o, d,
-      [&](int t, size_t s, int) { return model_blocks_per_sm(d, kRegsPersistent, t, s); },
-      [&](int t, size_t s, int, int c) { return model_max_clusters(d, kRegsResident, t, s, c); });
-  TORCH_CHECK(pl.ok(), "cmpe_se (emulated planner): ", pl.error);
-  auto v = launch_vec(pl.l);
-  v.push_back(backward ? (int64_t)backward_workspace(g, pl.l, acc).total : (int64_t)forward_workspace(g, pl.l, acc).total);
-  return v;
-}
-
-// A launch vector for the hand-picked configurations of the older tests.
-std::vector<int64_t> emu_explicit(int64_t N, int64_t C, int64_t H, int64_t W, std::string mode_s, int64_t e, int64_t r,
-                                  int64_t m, int64_t pad, bool cl, bool backward, int64_t elem, int64_t threads,
-                                  int64_t blocks, int64_t splits, int64_t vec, int64_t cluster, bool per_sample) {
-  Geometry g{};
-  g.N = N; g.C = C; g.P = H * W; g.channels_last = cl; g.mode = parse(mode_s);
-  g.r = r; g.Rh = g.mode == Mode::DOUBLE_FC ? 2 * r : r; g.K = 1; g.e = 0; g.L = 0; g.fold_m = m; g.pad = pad;
-  if (is_pair_mode(g.mode)) {
-    g.e = e;
-    g.K = g.mode == Mode::FOLDED_3X3 ? 9 : g.mode == Mode::PAIR_2X1 ? 2 : 1;
-    if (g.mode == Mode::PAIR_2X1) g.L = g.C;
-    else if (g.mode == Mode::PAIR_1X1) g.L = 2 * g.C;
-    else { g.Ho = 2 * (g.C / m) - 2 + 2 * pad; g.Wo = m - 2 + 2 * pad; g.L = g.Ho * g.Wo; }
-  }
-  g.Dz = is_pair_mode(g.mode) ? g.L : g.C;
-  const int acc = elem == 8 ? 8 : 4;
-  return launch_vec(explicit_launch(g, backward, (int)elem, acc, threads, blocks, splits, vec, cluster, per_sample));
-}
-
-// A workspace laid out as the binding lays it out: header zeroed, the rest garbage (0x7f bytes).
-Tensor workspace(size_t total, const Tensor& like) {
-  Tensor ws = torch::full({(int64_t)total}, 0x7f, like.options().dtype(at::kByte));
-  ws.narrow(0, 0, 16).zero_();
-  return ws;
-}
-
-std::vector<Tensor> emu_forward(Tensor u, Tensor x, Tensor fc1, c10::optional<Tensor> fc1i, Tensor fc2,
-                                c10::optional<Tensor> pw, c10::optional<Tensor> bw, c10::optional<Tensor> bb,
-                                Tensor rm, Tensor rv, std::string mode_s, bool training, double momentum, double eps,
-                                int64_t m, int64_t pad, bool cl, std::vector<int64_t> launch) {
-  Mode mode = parse(mode_s);
-  Geometry g = geom(u, mode, fc1, pw, m, pad, cl);
-  auto acc = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto fo = u.options().dtype(acc);
-  Tensor y = torch::empty_like(u);
-  Tensor pu = torch::empty({g.N, g.C}, fo), px = torch::empty({g.N, g.C}, fo), gate = torch::empty({g.N, g.C}, fo);
-  Tensor hid = torch::empty({g.N, g.Rh}, fo), bm = torch::empty({g.e}, fo), bi = torch::empty({g.e}, fo);
-  int accb = acc == at::kDouble ? 8 : 4;
-  const Launch l = launch_of(launch);
-  const ForwardWorkspace wsp = forward_workspace(g, l, accb);
-  Tensor ws = workspace(wsp.total, u);
-  auto* base = static_cast<unsigned char*>(ws.data_ptr());
-  ForwardParams p{};
-  p.g = g; p.u = u.data_ptr(); p.x = x.data_ptr(); p.y = y.data_ptr();
-  p.fc1_w = fc1.data_ptr(); p.fc1_id_w = ptr(fc1i); p.fc2_w = fc2.data_ptr(); p.pair_w = ptr(pw);
-  p.bn_w = ptr(bw); p.bn_b = ptr(bb); p.running_mean = rm.numel() ? rm.data_ptr() : nullptr;
-  p.running_var = rv.numel() ? rv.data_ptr() : nullptr;
-  p.stat_dtype = rm.scalar_type() == at::kDouble ? StatDtype::F64 : rm.scalar_type() == at::kHalf ? StatDtype::F16 :
-                 rm.scalar_type() == at::kBFloat16 ? StatDtype::BF16 : StatDtype::F32;
-  p.training = training; p.momentum = momentum; p.eps = eps;
-  p.pool_u = pu.data_ptr(); p.pool_x = px.data_ptr(); p.gate = gate.data_ptr(); p.hidden = hid.data_ptr();
-  p.bn_mean = bm.data_ptr(); p.bn_invstd = bi.data_ptr();
-  p.counter = reinterpret_cast<unsigned*>(base); p.part = base + wsp.part; p.stat_part = base + wsp.stat;
-  set_ranges({&u, &x, &y});
-  emu::g_barrier_counter = p.counter;
-  const int vec = l.vec;
-  dispatch(u.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    constexpr int kV = 16 / sizeof(T);
-    if (l.cluster > 0) {  // the resident kernel: one cluster per sample
-      const int rb = g.N * l.cluster;
-      if (vec > 1) run_grid(rb, l.threads, l.smem, [&] { cmpe_se_forward_resident_kernel<T, kV>(p, l); }, l.cluster);
-      else run_grid(rb, l.threads, l.smem, [&] { cmpe_se_forward_resident_kernel<T, 1>(p, l); }, l.cluster);
-    } else {
-      if (vec > 1) run_grid(l.blocks, l.threads, l.smem, [&] { cmpe_se_forward_kernel<T, kV>(p, l); });
-      else run_grid(l.blocks, l.threads, l.smem, [&] { cmpe_se_forward_kernel<T, 1>(p, l); });
-    }
+// use for this shape and these options (out[0:10]), then the workspace bytes (out[10]).
+// opts: [threads, max_blocks, splits, vec, coop, path, cluster]; dev: see limits_of.
+int emu_plan(const int64_t* gv, int backward, int training, int elem, int aligned, const int64_t* opts,
+             const int64_t* dev, int64_t* out) {
+  return guarded([&] {
+    PlanOptions o;
+    o.threads = clamp_threads((int)opts[0]); o.max_blocks = (int)opts[1]; o.splits = (int)opts[2];
+    o.vec = opts[3] != 0; o.coop = opts[4] != 0; o.path = (CudaPath)opts[5]; o.cluster = (int)opts[6];
+    const DeviceLimits d = limits_of(dev);
+    Geometry g = geom_of(gv);  // plan_pass may adjust it (as the binding's call does)
+    const int acc = elem == 8 ? 8 : 4;
+    const Plan pl = plan_pass(
+        g, backward != 0, training != 0, elem, acc, aligned != 0, o, d,
+        [&](int t, size_t s, int) { return model_blocks_per_sm(d, kRegsPersistent, t, s); },
+        [&](int t, size_t s, int, int c) { return model_max_clusters(d, kRegsResident, t, s, c); });
+    check(pl.ok(), std::string("cmpe_se (emulated planner): ") + pl.error);
+    launch_vec(pl.l, out);
+    out[10] = backward ? (int64_t)backward_workspace(g, pl.l, acc).total : (int64_t)forward_workspace(g, pl.l, acc).total;
   });
-  emu::g_barrier_counter = nullptr;
-  return {y, pu, px, gate, hid, bm, bi};
 }
 
-std::vector<Tensor> emu_backward(Tensor dy, Tensor u, Tensor pu, Tensor px, Tensor gate, Tensor hid, Tensor bm,
-                                 Tensor bi, Tensor fc1, c10::optional<Tensor> fc1i, Tensor fc2,
-                                 c10::optional<Tensor> pw, c10::optional<Tensor> bw, c10::optional<Tensor> bb,
-                                 std::string mode_s, bool training, int64_t m, int64_t pad, bool cl,
-                                 std::vector<int64_t> launch) {
-  Mode mode = parse(mode_s);
-  Geometry g = geom(u, mode, fc1, pw, m, pad, cl);
-  auto acc = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto fo = u.options().dtype(acc);
-  int accb = acc == at::kDouble ? 8 : 4;
-  Tensor gu = torch::empty_like(u), gx = torch::empty_like(u);
-  Tensor d1 = torch::empty(fc1.sizes(), fo), d2 = torch::empty(fc2.sizes(), fo);
-  Tensor d1i = fc1i ? torch::empty(fc1i->sizes(), fo) : torch::empty({0}, fo);
-  Tensor dp = pw ? torch::empty(pw->sizes(), fo) : torch::empty({0}, fo);
-  Tensor dbw = torch::empty({g.e}, fo), dbb = torch::empty({g.e}, fo);
-  const Launch l = launch_of(launch);
-  const BackwardWorkspace wsp = backward_workspace(g, l, accb);
-  Tensor ws = workspace(wsp.total, u);
-  auto* base = static_cast<unsigned char*>(ws.data_ptr());
-  BackwardParams p{};
-  p.g = g; p.dy = dy.data_ptr(); p.u = u.data_ptr(); p.du_out = gu.data_ptr(); p.dx_out = gx.data_ptr();
-  p.pool_u = pu.data_ptr(); p.pool_x = px.data_ptr(); p.gate = gate.data_ptr(); p.hidden = hid.data_ptr();
-  p.bn_mean = bm.numel() ? bm.data_ptr() : nullptr; p.bn_invstd = bi.numel() ? bi.data_ptr() : nullptr;
-  p.fc1_w = fc1.data_ptr(); p.fc1_id_w = ptr(fc1i); p.fc2_w = fc2.data_ptr(); p.pair_w = ptr(pw);
-  p.bn_w = ptr(bw); p.bn_b = ptr(bb); p.training = training;
-  p.d_fc1 = d1.data_ptr(); p.d_fc1_id = fc1i ? d1i.data_ptr() : nullptr; p.d_fc2 = d2.data_ptr();
-  p.d_pair = pw ? dp.data_ptr() : nullptr; p.d_bn_w = dbw.data_ptr(); p.d_bn_b = dbb.data_ptr();
-  p.counter = reinterpret_cast<unsigned*>(base);
-  p.gpart = base + wsp.gpart; p.dg = base + wsp.dg; p.dhp = base + wsp.dhp; p.zbuf = base + wsp.z;
-  p.dv = base + wsp.dv; p.dudx = base + wsp.dudx; p.dq = base + wsp.dq; p.part1 = base + wsp.part1;
-  p.fin = base + wsp.fin;
-  set_ranges({&dy, &u, &gu, &gx});
-  emu::g_barrier_counter = p.counter;
-  const int vec = l.vec;
-  dispatch(u.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    constexpr int kV = 16 / sizeof(T);
-    if (l.cluster > 0) {  // the resident backward (se, double_fc), then the weight-gradient launch
-      const int rb = g.N * l.cluster;
-      if (vec > 1) run_grid(rb, l.threads, l.smem, [&] { cmpe_se_backward_resident_kernel<T, kV>(p, l); }, l.cluster);
-      else run_grid(rb, l.threads, l.smem, [&] { cmpe_se_backward_resident_kernel<T, 1>(p, l); }, l.cluster);
-      const long long elems = weight_grad_elements(g);
-      const int wt = 64;  // the launcher uses 256 threads per block; the grid covers the elements either way
-      run_grid((int)std::max<long long>(1, std::min<long long>(4, (elems + wt - 1) / wt)), wt, 0,
-               [&] { cmpe_se_weight_grads_kernel<T>(p); });
-    } else {
-      if (vec > 1) run_grid(l.blocks, l.threads, l.smem, [&] { cmpe_se_backward_kernel<T, kV>(p, l); });
-      else run_grid(l.blocks, l.threads, l.smem, [&] { cmpe_se_backward_kernel<T, 1>(p, l); });
-    }
+// A launch vector (out[0:10]) for the hand-picked configurations of the older tests.
+int emu_explicit(const int64_t* gv, int backward, int elem, int64_t threads, int64_t blocks, int64_t splits,
+                 int64_t vec, int64_t cluster, int per_sample, int64_t* out) {
+  return guarded([&] {
+    const Geometry g = geom_of(gv);
+    const int acc = elem == 8 ? 8 : 4;
+    launch_vec(explicit_launch(g, backward != 0, elem, acc, threads, blocks, splits, vec, cluster, per_sample != 0), out);
   });
-  emu::g_barrier_counter = nullptr;
-  return {gu, gx, d1, d1i, d2, dp, dbw, dbb};
 }
+
+// Workspace bytes of a pass with this launch (acc: bytes of the accumulation type).
+int64_t emu_workspace_bytes(const int64_t* gv, const int64_t* launch, int backward, int acc) {
+  const Geometry g = geom_of(gv);
+  const Launch l = launch_of(launch);
+  return backward ? (int64_t)backward_workspace(g, l, acc).total : (int64_t)forward_workspace(g, l, acc).total;
+}
+
+// One forward pass. t: [u, x, y, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var,
+// pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, workspace] (absent ones null); the workspace is
+// laid out as the binding lays it out (the caller zeroes its 16-byte header).
+int emu_forward(void* const* t, const int64_t* gv, const int64_t* launch, int dtype, int stat_dtype, int training,
+                double momentum, double eps) {
+  return guarded([&] {
+    const Geometry g = geom_of(gv);
+    const int accb = dtype == 1 ? 8 : 4;
+    const Launch l = launch_of(launch);
+    const ForwardWorkspace wsp = forward_workspace(g, l, accb);
+    auto* base = static_cast<unsigned char*>(t[17]);
+    ForwardParams p{};
+    p.g = g; p.u = t[0]; p.x = t[1]; p.y = t[2];
+    p.fc1_w = t[3]; p.fc1_id_w = t[4]; p.fc2_w = t[5]; p.pair_w = t[6]; p.bn_w = t[7]; p.bn_b = t[8];
+    p.running_mean = t[9]; p.running_var = t[10]; p.stat_dtype = stat_of(stat_dtype);
+    p.training = training != 0; p.momentum = momentum; p.eps = eps;
+    p.pool_u = t[11]; p.pool_x = t[12]; p.gate = t[13]; p.hidden = t[14]; p.bn_mean = t[15]; p.bn_invstd = t[16];
+    p.counter = reinterpret_cast<unsigned*>(base); p.part = base + wsp.part; p.stat_part = base + wsp.stat;
+    const int64_t tb = g.N * g.C * g.P * (dtype == 1 ? 8 : dtype == 0 ? 4 : 2);
+    set_ranges({{t[0], tb}, {t[1], tb}, {t[2], tb}});
+    emu::g_barrier_counter = p.counter;
+    const int vec = l.vec;
+    dispatch(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      constexpr int kV = 16 / sizeof(T);
+      if (l.cluster > 0) {  // the resident kernel: one cluster per sample
+        const int rb = g.N * l.cluster;
+        if (vec > 1) run_grid(rb, l.threads, l.smem, [&] { cmpe_se_forward_resident_kernel<T, kV>(p, l); }, l.cluster);
+        else run_grid(rb, l.threads, l.smem, [&] { cmpe_se_forward_resident_kernel<T, 1>(p, l); }, l.cluster);
+      } else {
+        if (vec > 1) run_grid(l.blocks, l.threads, l.smem, [&] { cmpe_se_forward_kernel<T, kV>(p, l); });
+        else run_grid(l.blocks, l.threads, l.smem, [&] { cmpe_se_forward_kernel<T, 1>(p, l); });
+      }
+    });
+    emu::g_barrier_counter = nullptr;
+  });
+}
+
+// One backward pass. t: [dy, u, grad_u, grad_x, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd,
+// fc1, fc1_id, fc2, pair_w, bn_w, bn_b, d_fc1, d_fc1_id, d_fc2, d_pair, d_bn_w, d_bn_b, workspace].
+int emu_backward(void* const* t, const int64_t* gv, const int64_t* launch, int dtype, int training) {
+  return guarded([&] {
+    const Geometry g = geom_of(gv);
+    const int accb = dtype == 1 ? 8 : 4;
+    const Launch l = launch_of(launch);
+    const BackwardWorkspace wsp = backward_workspace(g, l, accb);
+    auto* base = static_cast<unsigned char*>(t[22]);
+    BackwardParams p{};
+    p.g = g; p.dy = t[0]; p.u = t[1]; p.du_out = t[2]; p.dx_out = t[3];
+    p.pool_u = t[4]; p.pool_x = t[5]; p.gate = t[6]; p.hidden = t[7]; p.bn_mean = t[8]; p.bn_invstd = t[9];
+    p.fc1_w = t[10]; p.fc1_id_w = t[11]; p.fc2_w = t[12]; p.pair_w = t[13]; p.bn_w = t[14]; p.bn_b = t[15];
+    p.training = training != 0;
+    p.d_fc1 = t[16]; p.d_fc1_id = t[17]; p.d_fc2 = t[18]; p.d_pair = t[19]; p.d_bn_w = t[20]; p.d_bn_b = t[21];
+    p.counter = reinterpret_cast<unsigned*>(base);
+    p.gpart = base + wsp.gpart; p.dg = base + wsp.dg; p.dhp = base + wsp.dhp; p.zbuf = base + wsp.z;
+    p.dv = base + wsp.dv; p.dudx = base + wsp.dudx; p.dq = base + wsp.dq; p.part1 = base + wsp.part1;
+    p.fin = base + wsp.fin;
+    const int64_t tb = g.N * g.C * g.P * (dtype == 1 ? 8 : dtype == 0 ? 4 : 2);
+    set_ranges({{t[0], tb}, {t[1], tb}, {t[2], tb}, {t[3], tb}});
+    emu::g_barrier_counter = p.counter;
+    const int vec = l.vec;
+    dispatch(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      constexpr int kV = 16 / sizeof(T);
+      if (l.cluster > 0) {  // the resident backward (se, double_fc), then the weight-gradient launch
+        const int rb = g.N * l.cluster;
+        if (vec > 1) run_grid(rb, l.threads, l.smem, [&] { cmpe_se_backward_resident_kernel<T, kV>(p, l); }, l.cluster);
+        else run_grid(rb, l.threads, l.smem, [&] { cmpe_se_backward_resident_kernel<T, 1>(p, l); }, l.cluster);
+        const long long elems = weight_grad_elements(g);
+        const int wt = 64;  // the launcher uses 256 threads per block; the grid covers the elements either way
+        run_grid((int)std::max<long long>(1, std::min<long long>(4, (elems + wt - 1) / wt)), wt, 0,
+                 [&] { cmpe_se_weight_grads_kernel<T>(p); });
+      } else {
+        if (vec > 1) run_grid(l.blocks, l.threads, l.smem, [&] { cmpe_se_backward_kernel<T, kV>(p, l); });
+        else run_grid(l.blocks, l.threads, l.smem, [&] { cmpe_se_backward_kernel<T, 1>(p, l); });
+      }
+    });
+    emu::g_barrier_counter = nullptr;
+  });
+}
+
+}  // extern "C"
