@@ -124,7 +124,11 @@ def _report_choice(device_type: str, dtype: str, name: str, why: str) -> bool:
     return True
 
 
-_report_choice = torch.compiler.assume_constant_result(_report_choice)
+# What ``torch.compiler.assume_constant_result`` does, without its ``import torch._dynamo`` (1.8 s
+# of CPU, most of ``import cmpe_se_fused``): dynamo reads this attribute when it traces the call.
+# tests/test_first_contact.py::test_import_does_not_load_dynamo checks that the public function
+# still sets exactly this (and the fullgraph compile tests that dynamo still honours it).
+_report_choice._dynamo_marked_constant = True
 
 
 def choose(backend: str, u: torch.Tensor) -> Backend:

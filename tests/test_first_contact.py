@@ -101,6 +101,32 @@ def test_compile_first_call_fresh_process(case):
     assert "backend=auto chose" in res.stderr, res.stderr[-3000:]
 
 
+def test_import_does_not_load_dynamo():
+    """``import cmpe_se_fused`` and an eager first call stay as cheap as ``import torch``: they do not
+    import ``torch._dynamo`` (1.8 s of CPU here; ``torch.compiler.assume_constant_result`` imports it,
+    so dispatch sets the attribute that function sets). The marking must stay what the public
+    function does, or the fullgraph compile tests above lose their log line or break."""
+    import cmpe_se_fused.dispatch as dispatch
+
+    def probe():
+        return True
+
+    assert torch.compiler.assume_constant_result(probe) is probe
+    marks = {k: v for k, v in vars(probe).items()}
+    assert marks == {"_dynamo_marked_constant": True}, marks
+    assert all(getattr(dispatch._report_choice, k, None) == v for k, v in marks.items())
+    res = _fresh_python("""
+        import sys, torch
+        from cmpe_se_fused import CMPESE
+        m = CMPESE(16, mode="folded_3x3", fold_width=4, reduction=4)
+        u = torch.randn(2, 16, 4, 4, requires_grad=True)
+        m(u, torch.randn(2, 16, 4, 4)).sum().backward()
+        print("DYNAMO", "torch._dynamo" in sys.modules)
+    """)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "DYNAMO False" in res.stdout, res.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # 3: the eager module (revert_model's output) runs what CMPESE runs
 # ---------------------------------------------------------------------------------------------
