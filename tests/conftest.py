@@ -20,7 +20,44 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+# The longest tests of a CPU run (seconds in CI, docs/TESTING.md), longest first. Collection puts
+# them at the front (a stable sort: the rest keep their order) so that pytest-xdist starts them first
+# and the two workers finish together instead of one running a 90 s test alone at the end.
+# Scheduling only: every test still runs; a name missing here just runs in collection order.
+LONG_FIRST = (
+    "test_triton.py::test_interpreter_subprocess",
+    "test_bench.py::test_environment_variant_runs_in_a_child_process",
+    "test_finetune_example.py::test_torchrun_from_a_plain_torchvision_checkpoint",
+    "test_train_example.py::test_torchrun_two_processes_sync_se_bn",
+    "test_bench.py::test_tiny_run_compile",
+    "test_first_contact.py::test_compile_first_call_fresh_process",
+    "test_cuda.py::test_emulated_eps_and_momentum",
+    "test_gpu_evidence.py::test_gpu_check_packs_results_into_an_archive",
+    "test_distributed.py::test_two_processes_gloo",
+    "test_train_example.py::test_smoke_run_resume_checkpoint_and_plots",
+    "test_cli_errors.py::test_bench_without_matplotlib_does_not_claim_a_plot",
+    "test_cpu_kernels.py::test_baseline_isa_build",
+    "test_triton.py::test_compiles_for_sm90",
+    "test_cuda.py::test_cuda_kernels_registered",
+    "test_cuda.py::test_kernels_compile_for_sm80",
+    "test_gpu_evidence.py::test_streaming_phases_are_coalesced",
+    "test_gpu_evidence.py::test_triton_bytes_documented_budget_fast",
+    "test_kernel_edge_cases.py::test_triton_nonfinite_batch_variance_reaches_running_var",
+    "test_distribution.py::test_auto_warns_once_when_an_extension_is_missing",
+    "test_gpu_evidence.py::test_triton_counter_sees_a_reread",
+)
+
+
+def _long_rank(item) -> int:
+    nodeid = item.nodeid.split("/")[-1]
+    for rank, name in enumerate(LONG_FIRST):
+        if nodeid == name or nodeid.startswith(name + "["):
+            return rank
+    return len(LONG_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_long_rank)
     if has_cuda():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")

@@ -308,7 +308,7 @@ def test_variant_parsing_and_triton_launch_keywords(monkeypatch):
 @pytest.mark.skipif(not HAS_CPU_BACKEND, reason="needs the compiled CPU backend (cmpe_se_fused._C)")
 def test_environment_variant_runs_in_a_child_process(tmp_path):
     """``cpu@base`` (CMPE_SE_CPU_ISA=default) is timed in a child process; its rows are merged."""
-    argv = ["--modes", "se", "--eval", "--passes", "fwd", "--batch", "2", "--threads", "1", "--no-plot",
+    argv = ["--modes", "se", "--eval", "--passes", "fwd", "--batch", "2", "--threads", "1", "--no-plot", "--no-e2e",
             "--providers", "eager,cpu@base", "--variant", "cpu@base:CMPE_SE_CPU_ISA=default", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
