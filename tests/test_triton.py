@@ -159,13 +159,9 @@ def _check(case, fwd_kw=None, bwd_kw=None):
 # CPU (interpreter) and GPU: small shapes
 # ------------------------------------------------------------------------------------------------
 
-# Every mode in training and evaluation in fp32; fp16 and fp64 (their own loads, stores and
-# accumulator type) in each mode once, one in training and the other in evaluation, alternating
-# (the interpreter is slow: 20 cases instead of the 30 of mode x training x dtype; all 30 on a GPU).
-MATCH_CASES = ([(m, t, torch.float32) for m in MODES for t in (True, False)]
-               + [(m, (i % 2 == 0) == (dt == torch.float16) or not _CPU_ONLY, dt) for i, m in enumerate(MODES)
-                  for dt in (torch.float16, torch.float64)])
-MATCH_CASES += [] if _CPU_ONLY else [(m, False, dt) for m in MODES for dt in (torch.float16, torch.float64)]
+# Every mode in training and evaluation in fp32, fp16 and fp64 (their own loads, stores and
+# accumulator type): all 30 of mode x training x dtype, in the interpreter as on a GPU.
+MATCH_CASES = [(m, t, dt) for dt in (torch.float32, torch.float16, torch.float64) for m in MODES for t in (True, False)]
 _DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.float64: "fp64"}
 
 
@@ -280,12 +276,10 @@ class _TritonLayer(torch.autograd.Function):
         return gu, gx, g1, g1i, g2, gpw, gg, gb, None, None, None, None, None, None
 
 
-# In the interpreter (slow; the kernels' results are compared with the float64 reference, itself
-# gradchecked, by test_matches_reference): one case per kind of backward -- no BN, the identity fc,
-# training BN through the pair view, evaluation BN through the fold. Six on a GPU.
-GRADCHECK_CASES = ([("se", True), ("double_fc", False), ("pair_2x1", True), ("folded_3x3", False)] if _CPU_ONLY else
-                   [("se", True), ("double_fc", False), ("pair_2x1", True), ("pair_1x1", False), ("folded_3x3", True),
-                    ("folded_3x3", False)])
+# Every kind of backward: no BN, the identity fc, training BN through the pair views and the fold,
+# evaluation BN through the 1x1 view and the fold (the same six in the interpreter and on a GPU).
+GRADCHECK_CASES = [("se", True), ("double_fc", False), ("pair_2x1", True), ("pair_1x1", False), ("folded_3x3", True),
+                   ("folded_3x3", False)]
 
 
 @pytest.mark.parametrize("mode,training", GRADCHECK_CASES,
@@ -317,10 +311,9 @@ def _gradcheck(case, fold_width):
 
 
 # The fake kernels depend on which weights are present (fc1_identity: double_fc; pair and BN: the pair
-# modes); the real kernels mutate the running statistics in training pair modes only. One case per
-# mode, training and evaluation of the pair modes both present (the interpreter is slow).
-OPCHECK_CASES = ([("se", True), ("double_fc", False), ("pair_2x1", True), ("pair_1x1", False), ("folded_3x3", True)]
-                 if _CPU_ONLY else [(m, t) for m in MODES for t in (True, False)])
+# modes); the real kernels mutate the running statistics in training pair modes only. Every mode x
+# training/evaluation, in the interpreter as on a GPU.
+OPCHECK_CASES = [(m, t) for m in MODES for t in (True, False)]
 
 
 @pytest.mark.parametrize("mode,training", OPCHECK_CASES,
