@@ -709,8 +709,7 @@ def main(argv=None) -> int:
             "### Bytes moved per pass (emulator, planner's launches, N=2 C=32 8x8 fp32 NCHW)\n\n"
             "Global bytes of the full-size tensors (U, X, Y; dY, U, dU, dX), traced through the kernels' "
             "vector load/store helpers, in multiples of T; budgets from SPEC section 3. Small tensors "
-            "(pools, gate, weights, workspace: O(N*C)) are not traced here: the CUDA kernels read them by plain "
-            "dereferences, not through the traced helpers (the Triton table below lists them, in bytes).\n\n"
+            "(pools, gate, weights, workspace: O(N*C)): the next table.\n\n"
             + bytes_table(rows))
         failures += [f"bytes: {r['path']}/{r['mode']}/{r['phase']}/{r['pass']} {r['total_T']:.2f}T > {r['budget_T']}T"
                      for r in rows if not r["ok"]]

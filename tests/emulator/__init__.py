@@ -16,6 +16,11 @@ planner's choices and workspace layout, bytes moved and the 32-byte sectors each
 touches. What it cannot check: the GPU memory model, real occupancy, cooperative / cluster
 launches, graph capture, speed (docs/CUDA.md).
 
+The "small" build (``build(variant="small")``) also counts the small tensors' bytes (pools, gate,
+hidden, BN moments, weights, running stats, weight gradients, workspace areas): the same source
+compiled with GCC's ThreadSanitizer instrumentation and linked without libtsan, harness.cpp's
+hooks counting accesses in registered ranges while a GPU thread runs (``measure_small``).
+
 The library is built once per source hash (``build/emulator-<hash>/``) and loaded once per process.
 """
 from __future__ import annotations
