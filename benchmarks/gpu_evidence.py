@@ -9,6 +9,10 @@ as numbers a GPU run can check.
 1. bytes   global bytes of the full-size tensors per launch, traced in the emulator (tests/emulator)
            on the planner's launches, per path x mode x train/eval x pass, as multiples of T; budgets
            of SPEC section 3 (forward 3T resident / 5T two-pass, backward 4T resident / 5T two-pass)
+   small   the small tensors' bytes (pools, gate, hidden, BN moments, weights, running stats, weight
+           gradients, workspace) per path x mode x train/eval x pass, counted in the emulator's
+           "small" build (ThreadSanitizer instrumentation, the hooks supplied by the emulator), in
+           bytes and as multiples of one sample's T and of T; no budget (reported)
 2. sectors 32-byte sectors each warp-level access touches vs the minimum for its bytes, per kernel
            phase, NCHW and channels_last, at the WRN-28-10 and ResNet-164 stage shapes (N scaled to 1);
            budget: >= 95% in the streaming phases (squeeze, apply, resident load)
@@ -92,6 +96,103 @@ def bytes_table(rows) -> str:
         per = ", ".join(f"{k} {v:g}" for k, v in r["per_tensor"].items())
         out.append(f"| {r['path']} | {r['mode']} | {r['phase']} | {r['pass']} | {r['kernel']} | {r['read_T']:.2f}T | "
                    f"{r['written_T']:.2f}T | {r['total_T']:.2f}T{flag} | {r['budget_T']:g}T | {per} |")
+    return "\n".join(out)
+
+
+# ---- 1b. the small tensors' bytes (the emulator's "small" build) --------------------------------
+
+SMALL_GROUPS = {  # report columns: the registered small tensors and workspace areas of a pass
+    "weights": ("fc1", "fc1_identity", "fc2", "pair_weight", "bn_weight", "bn_bias"),
+    "vectors": ("pool_u", "pool_x", "gate", "hidden", "bn_mean", "bn_invstd"),
+    "running": ("running_mean", "running_var"),
+    "wgrads": ("d_fc1", "d_fc1_identity", "d_fc2", "d_pair_weight", "d_bn_weight", "d_bn_bias"),
+}
+# the CUDA targets' late stages for the small-tensor table (reduction 16 as the bench presets, N=2)
+SMALL_TARGETS = [("wrn28-10", "s3", 640, 8), ("resnet164", "s3", 256, 8)]
+
+
+def _group_of(name: str) -> str:
+    if name == "ws_header":
+        return "counters"
+    if name.startswith("ws_"):
+        return "workspace"
+    for grp, names in SMALL_GROUPS.items():
+        if name in names:
+            return grp
+    raise KeyError(name)
+
+
+def small_summary(counts: dict, tensor_bytes: int, n: int) -> dict:
+    """Bytes per group of one pass's small-tensor counts. ``total`` excludes the counters' reads
+    (the grid barrier's spin loop: how often a block polls depends on the emulator's scheduling,
+    not on the kernel); their writes (the barrier's atomics) are in it."""
+    groups = {g: 0 for g in (*SMALL_GROUPS, "workspace", "counters")}
+    for name, c in counts.items():
+        groups[_group_of(name)] += c["read"] + c["written"]
+    hdr = counts.get("ws_header", {"read": 0, "written": 0})
+    total = sum(v for k, v in groups.items() if k != "counters") + hdr["written"]
+    per_tensor = {k: c["read"] + c["written"] for k, c in counts.items() if c["read"] + c["written"]}
+    return {"groups": groups, "total": total, "per_tensor": per_tensor, "counter_writes": hdr["written"],
+            "counter_reads": hdr["read"], "per_sample_T": total / (tensor_bytes / n), "T": total / tensor_bytes,
+            "distinct": sum(c["distinct_read"] + c["distinct_written"] for k, c in counts.items() if k != "ws_header")}
+
+
+def small_rows(shape=(2, 32, 8, 8), dtype_name="float32", modes=MODES, paths=PATHS, reduction=4, device=None,
+               net=None):
+    """One row per (path, mode, train/eval, pass): the small tensors' bytes of the planner's launch,
+    counted in the emulator's "small" build (every access of the compiled kernels to a small
+    tensor or workspace area, per GPU thread: a warp-wide broadcast counts once per lane)."""
+    import torch
+
+    import emulator as E
+
+    dtype = getattr(torch, dtype_name)
+    dev = device or E.TINY
+    rows = []
+    for path in paths:
+        for mode in modes:
+            for training in (True, False):
+                fl = E.plan(mode, shape, dtype, training=training, path=path, reduction=reduction, device=dev)
+                bl = E.plan(mode, shape, dtype, training=training, path=path, backward=True, reduction=reduction,
+                            device=dev)
+                fwd, bwd, tb = E.measure_small(mode, dtype, shape, "nchw", training, fl, bl, reduction=reduction)
+                for name, launch, counts in (("fwd", fl, fwd), ("bwd", bl, bwd)):
+                    rows.append({"shape": net or f"N={shape[0]} C={shape[1]} {shape[2]}x{shape[3]}", "path": path,
+                                 "mode": mode, "phase": "train" if training else "eval", "pass": name,
+                                 "kernel": kernel_kind(launch), "blocks": launch["blocks"], "T_bytes": tb,
+                                 "N": shape[0], "counts": counts, **small_summary(counts, tb, shape[0])})
+    return rows
+
+
+def small_target_rows(targets=SMALL_TARGETS, paths=("persistent", "resident")):
+    """se, training, at the targets' late stages (N=2, reduction 16), on the emulated device of the
+    coalescing table (H100 shared memory, 8 SMs)."""
+    import emulator as E
+
+    dev = E.EmuDevice(sms=8, smem_optin=232448, smem_per_sm=233472, max_threads_per_sm=256)
+    rows = []
+    for net, stage, c, h in targets:
+        rows += [r for r in small_rows(shape=(2, c, h, h), modes=("se",), paths=paths, reduction=16, device=dev,
+                                       net=f"{net}/{stage} C={c} {h}x{h} N=2")
+                 if r["phase"] == "train"]
+    return rows
+
+
+def small_table(rows, with_shape=False) -> str:
+    head = "| shape " if with_shape else ""
+    out = [head + "| path | mode | train/eval | pass | kernel | weights | vectors | running | weight grads | workspace | "
+           "counters (atomics / spin reads) | total | per-sample T | T | largest |",
+           ("|---" if with_shape else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g = r["groups"]
+        ranked = sorted(((k, v) for k, v in r["per_tensor"].items() if k != "ws_header"), key=lambda kv: -kv[1])
+        big = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in ranked[:3])
+        cell = (lambda v: _fmt_bytes(v) if v else "-")  # noqa: E731
+        out.append((f"| {r['shape']} " if with_shape else "") +
+                   f"| {r['path']} | {r['mode']} | {r['phase']} | {r['pass']} | {r['kernel']} | {cell(g['weights'])} | "
+                   f"{cell(g['vectors'])} | {cell(g['running'])} | {cell(g['wgrads'])} | {cell(g['workspace'])} | "
+                   f"{r['counter_writes']} B / {r['counter_reads']} B | {_fmt_bytes(r['total'])} | "
+                   f"{r['per_sample_T']:.2f} | {r['T']:.3f} | {big} |")
     return "\n".join(out)
 
 
@@ -551,9 +652,9 @@ DOC_BEGIN = "<!-- gpu_evidence:begin -->"
 DOC_END = "<!-- gpu_evidence:end -->"
 
 
-SECTIONS = ("bytes", "sectors", "occupancy", "model", "triton")
-HEADINGS = {"bytes": "### Bytes moved per pass", "sectors": "### Coalescing", "occupancy": "### Occupancy",
-            "model": "### A stated model", "triton": "### Triton kernels"}
+SECTIONS = ("bytes", "small", "sectors", "occupancy", "model", "triton")
+HEADINGS = {"bytes": "### Bytes moved per pass", "small": "### Small tensors", "sectors": "### Coalescing",
+            "occupancy": "### Occupancy", "model": "### A stated model", "triton": "### Triton kernels"}
 
 
 def _doc_sections(block: str) -> dict:
@@ -595,7 +696,7 @@ def main(argv=None) -> int:
                     help="with --measured: also write the model next to the run's cuda rows into its bench.md")
     ap.add_argument("--modes", default=None,
                     help="comma list of modes for the bytes and Triton tables (default: all)")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: bytes,sectors,occupancy,model,triton "
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: bytes,small,sectors,occupancy,model,triton "
                     "(--write-docs keeps a skipped section's current text)")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -608,11 +709,35 @@ def main(argv=None) -> int:
             "### Bytes moved per pass (emulator, planner's launches, N=2 C=32 8x8 fp32 NCHW)\n\n"
             "Global bytes of the full-size tensors (U, X, Y; dY, U, dU, dX), traced through the kernels' "
             "vector load/store helpers, in multiples of T; budgets from SPEC section 3. Small tensors "
-            "(pools, gate, weights, workspace: O(N*C)) are not traced here: the CUDA kernels read them by plain "
-            "dereferences, not through the traced helpers (the Triton table below lists them, in bytes).\n\n"
+            "(pools, gate, weights, workspace: O(N*C)): the next table.\n\n"
             + bytes_table(rows))
         failures += [f"bytes: {r['path']}/{r['mode']}/{r['phase']}/{r['pass']} {r['total_T']:.2f}T > {r['budget_T']}T"
                      for r in rows if not r["ok"]]
+    if "small" not in skip:
+        modes = tuple(args.modes.split(",")) if args.modes else ("se", "folded_3x3") if args.quick else MODES
+        rows = small_rows(modes=modes)
+        text = (
+            "### Small tensors: bytes per pass (emulator, \"small\" build, planner's launches, N=2 C=32 8x8 fp32 "
+            "NCHW, reduction 4)\n\n"
+            "Every access of the compiled kernels to a small tensor, counted per GPU thread: the emulator compiled "
+            "with GCC's ThreadSanitizer instrumentation (a hook before every load and store), linked without "
+            "libtsan; its hooks count the bytes whose address lies in a registered small tensor or workspace area, "
+            "only while a GPU thread runs (`tests/emulator`, `measure_small`). Full-size tensors are the table "
+            "above; shared memory and registers are not global memory and are not counted. A value every lane of "
+            "a warp reads (the gate in the apply, a broadcast) counts once per lane: these are bytes requested "
+            "by threads, an upper bound of what reaches L1/L2. Groups: weights (fc1, fc1_identity, fc2, "
+            "pair_weight, bn weight/bias), vectors (pool_u, pool_x, gate, hidden, bn_mean, bn_invstd), running "
+            "mean/var, weight grads (d_*), workspace (partial sums, moments, backward scratch); counters: the "
+            "grid barrier's header, atomics (exact) / spin reads (emulator scheduling, excluded from the total). "
+            "Per-sample T = T / N.\n\n" + small_table(rows))
+        if not args.quick and not args.modes:
+            trows = small_target_rows()
+            text += ("\n\nAt the targets' late stages (se, training, fp32 NCHW, reduction 16, N=2, the planner on the "
+                     "coalescing table's device): the weights are read once per sample by the block that owns it "
+                     "(fc1 and fc2 in the forward, both again in the backward), so their bytes per sample do not "
+                     "shrink with N; the weight gradients are written once per pass:\n\n"
+                     + small_table(trows, with_shape=True))
+        parts["small"] = text
     if "sectors" not in skip:
         stages = [STAGES[0], STAGES[5]] if args.quick else STAGES
         rows = coalescing_rows(stages=stages)

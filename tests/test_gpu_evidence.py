@@ -58,6 +58,148 @@ def test_gpu_evidence_exits_nonzero_when_a_budget_breaks(monkeypatch, capsys):
     assert "BUDGETS BROKEN" in capsys.readouterr().out
 
 
+# ---- the small tensors' bytes (the emulator's "small" build) -------------------------------------
+
+def _emu_small():
+    import emulator
+
+    if not emulator.have_compiler():
+        pytest.skip("no host C++ compiler")
+    return emulator, emulator.build("small")
+
+
+def test_small_counter_counts_a_planted_launch_exactly():
+    """The counter can fail: a planted launch (harness.cpp emu_small_probe) in which every GPU thread
+    reads the same weight twice (a barrier between the reads: the compiled code loads it twice),
+    goes through shared memory, and thread 0 of each block writes one float; the host reads the
+    weight and writes the output outside the launch. Counted: exactly 2 x 4 bytes per thread of w,
+    4 bytes per block of out; the shared-memory traffic, the host's accesses and the unregistered
+    tensor are not counted."""
+    _, emu = _emu_small()
+    for blocks, threads, n in ((1, 32, 16), (3, 64, 8)):
+        w = torch.arange(n, dtype=torch.float32) + 1
+        out = torch.zeros(blocks + 1)
+        other = torch.zeros(4)  # registered, never touched
+        emu.emu_small_set([("w", w.data_ptr(), w.numel() * 4), ("out", out.data_ptr(), out.numel() * 4),
+                           ("other", other.data_ptr(), 16)])
+        emu.emu_small_probe(w, out, blocks, threads)
+        c = emu.emu_small_take()
+        assert c["w"]["read"] == 2 * 4 * blocks * threads and c["w"]["reads"] == 2 * blocks * threads, c["w"]
+        assert c["w"]["written"] == 0 and c["w"]["distinct_read"] == 4 * n
+        assert c["out"] == {"bytes": 4 * (blocks + 1), "read": 0, "written": 4 * blocks, "reads": 0,
+                            "writes": blocks, "distinct_read": 0, "distinct_written": 4 * blocks}, c["out"]
+        assert c["other"]["read"] == c["other"]["written"] == 0
+        # the launch ran: out[b] = a + b of thread 0 and its neighbour, out[blocks] = the host's w[0]
+        # (s[t] = w[t % n] + w[(t + 1) % n]; out[b] = s[0] + s[threads - 1])
+        want = (w[0] + w[1 % n] + w[(threads - 1) % n] + w[0]).item()
+        assert out[:blocks].tolist() == [want] * blocks and out[blocks].item() == 1.0
+    emu.emu_small_count(False)
+    with pytest.raises(RuntimeError, match="overlap"):
+        emu.emu_small_set([("a", 4096, 64), ("b", 4096 + 32, 64)])
+
+
+def _expected_small_persistent(mode, n, c, r, dz, L, e, K, S, gw, blocks, threads, acc=4):
+    """The persistent kernels' small-tensor bytes (read, written) per tensor, derived from the code
+    of csrc/kernels/forward.cuh, backward.cuh, stream.cuh, excite.cuh (NCHW, training, se or
+    folded_3x3; rh = r). Forward: the squeeze's lane 0 of each (row, split) item writes the partial
+    sums of U and X (2NSC); the block owning sample n stages the pools from them (reads 2NSC; the
+    training pair modes stage them twice: the moments, then the excite), writes pool_u, pool_x,
+    reads fc1 (warp_dots: r x Dz per sample), writes hidden, reads fc2 (thread_dots: C x r), writes
+    the gate; the apply's every lane of an item's GW lanes reads the gate (N C S GW). folded_3x3
+    also: moment slots (blocks x (1 + 2K + K^2) doubles) written, read by the last block, which
+    reads pair_weight K + K^2 times per filter, writes bn_mean / bn_invstd, reads and writes the
+    running stats; every block stages the filter table (pair_weight, bn_mean, bn_invstd, bn weight
+    and bias once each). Backward: G partials written and read (NSC), the gate and dg per sample,
+    fc2 (C x r) and the hidden (r) per sample, dh_pre written, fc1 per sample (se: C x r, pair:
+    L x r), du/dx written; weight grads: each d_fc2 element reads dg and hidden N times, each d_fc1
+    element dh_pre and pool_u (se) or z (pair) N times; the apply reads gate, du and dx once per
+    lane of each item. folded_3x3 also: the filter table per block, the pools read twice per sample
+    (B1 and B2), z and dv written, dv read, the moments, the last block's pair_weight (K + K^2 per
+    filter), bn_mean, bn_invstd, bn weight once per filter, writes of the BN / pair-weight grads and
+    of fin (e + 1 doubles), fin read by every block (e doubles) and by every thread (fin[e]: m1),
+    the dq scratch (N L K) written and gathered once. The grid barrier's atomics: one arrival per
+    block and one release per barrier, 4 bytes each."""
+    a = acc
+    pair = mode == "folded_3x3"
+    mom = (1 + 2 * K + K * K) * 8
+    f = {"pool_u": (0, n * c * a), "pool_x": (0, n * c * a), "gate": (n * c * S * gw * a, n * c * a),
+         "hidden": (0, n * r * a), "fc1": (n * r * dz * a, 0), "fc2": (n * c * r * a, 0),
+         "ws_part": ((2 if pair else 1) * 2 * n * S * c * a, 2 * n * S * c * a)}
+    b = {"pool_u": ((2 * n * c * a if pair else 0) + (0 if pair else n * r * dz * a), 0),
+         "pool_x": (2 * n * c * a if pair else 0, 0),
+         "gate": (n * c * a + n * c * S * gw * a, 0), "hidden": (n * r * a + c * r * n * a, 0),
+         "fc1": (n * r * dz * a, 0), "fc2": (n * c * r * a, 0), "d_fc1": (0, r * dz * a), "d_fc2": (0, c * r * a),
+         "ws_gpart": (n * S * c * a, n * S * c * a), "ws_dg": (c * r * n * a, n * c * a),
+         "ws_dhp": (r * dz * n * a, n * r * a), "ws_dudx": (2 * n * c * S * gw * a, 2 * n * c * a)}
+    bars = 2
+    if pair:
+        bars = 3
+        f.update({"ws_stat": (blocks * mom, blocks * mom), "pair_weight": (e * (K + K * K) * a + blocks * e * K * a, 0),
+                  "bn_mean": (blocks * e * a, e * a), "bn_invstd": (blocks * e * a, e * a),
+                  "bn_weight": (blocks * e * a, 0), "bn_bias": (blocks * e * a, 0),
+                  "running_mean": (e * 4, e * 4), "running_var": (e * 4, e * 4)})
+        b.update({"pair_weight": (blocks * e * K * a + e * (K + K * K) * a, 0),
+                  "bn_mean": (blocks * e * a + e * a, 0), "bn_invstd": (blocks * e * a + e * a, 0),
+                  "bn_weight": (blocks * e * a + e * a, 0), "bn_bias": (blocks * e * a, 0),
+                  "d_pair_weight": (0, e * K * a), "d_bn_weight": (0, e * a), "d_bn_bias": (0, e * a),
+                  "ws_z": (r * dz * n * a, n * L * a), "ws_dv": (n * L * a, n * L * a),
+                  "ws_part1": (blocks * mom, blocks * mom), "ws_fin": (blocks * e * 8 + blocks * threads * 8,
+                                                                       (e + 1) * 8),
+                  "ws_dq": (n * L * K * a, n * L * K * a)})
+    header_writes = 4 * (blocks * bars + bars)
+    return f, b, header_writes
+
+
+@pytest.mark.parametrize("mode", ["se", "folded_3x3"])
+def test_small_traffic_matches_the_kernel_code(mode):
+    """The persistent kernels' small-tensor bytes, forward and backward, training, NCHW fp32, on the
+    planner's launch with two spatial splits and several blocks: exactly the bytes derived from the
+    kernel code (_expected_small_persistent: the formula and why); every weight read completely
+    (distinct bytes); nothing else touched. The barrier header: its atomics exactly; its spin
+    reads depend on the emulator's scheduling, so only at least one per atomic."""
+    E, _ = _emu_small()
+    shape = (3, 32, 8, 8)
+    fl = E.plan(mode, shape, torch.float32, training=True, splits=2)
+    bl = E.plan(mode, shape, torch.float32, training=True, splits=2, backward=True)
+    assert fl["splits"] == bl["splits"] == 2 and not fl["per_sample"] and not fl["cluster"] and fl["blocks"] > 1
+    fwd, bwd, _ = E.measure_small(mode, torch.float32, shape, "nchw", True, fl, bl)
+    n, c = shape[:2]
+    r = c // 4
+    fold_m, K, e = 8, 9, 3
+    L = (2 * (c // fold_m) - 2) * (fold_m - 2) if mode == "folded_3x3" else 0
+    dz = L if mode == "folded_3x3" else c
+    assert fl["blocks"] == bl["blocks"] and fl["gw"] == bl["gw"] and fl["threads"] == bl["threads"]
+    expected = _expected_small_persistent(mode, n, c, r, dz, L, e, K, 2, fl["gw"], fl["blocks"], fl["threads"])
+    for counts, want in zip((fwd, bwd), expected[:2]):
+        got = {k: (v["read"], v["written"]) for k, v in counts.items() if k != "ws_header" and (v["read"] or v["written"])}
+        want = {k: v for k, v in want.items() if v != (0, 0)}
+        assert got == want, {k: (got.get(k), want.get(k)) for k in set(got) | set(want) if got.get(k) != want.get(k)}
+        for w in ("fc1", "fc2", "pair_weight", "bn_weight", "bn_bias"):
+            if w in counts:
+                assert counts[w]["distinct_read"] == counts[w]["bytes"], w
+    hw = expected[2]
+    for counts in (fwd, bwd):
+        assert counts["ws_header"]["written"] == hw and counts["ws_header"]["read"] >= hw
+
+
+def test_small_section_reports_per_sample_T():
+    """gpu_evidence's small-tensor rows: groups add up to the total, per-sample T and T consistent,
+    the resident forward reads each weight once per block of a sample's cluster (fc1 + fc2 x CL x N)."""
+    _emu_small()
+    rows = GE.small_rows(modes=("se",), paths=("resident",))
+    assert len(rows) == 4
+    for r in rows:
+        g = r["groups"]
+        assert r["total"] == sum(v for k, v in g.items() if k != "counters") + r["counter_writes"]
+        assert r["T"] == pytest.approx(r["total"] / r["T_bytes"])
+        assert r["per_sample_T"] == pytest.approx(r["T"] * r["N"])
+    fwd = next(r for r in rows if r["pass"] == "fwd" and r["phase"] == "train")
+    cl = int(fwd["kernel"].split("CL=")[1].rstrip(")"))
+    n, c = 2, 32
+    assert fwd["counts"]["fc1"]["read"] == fwd["counts"]["fc2"]["read"] == cl * n * c * (c // 4) * 4
+    assert "| resident | se | train | fwd | resident(CL=" in GE.small_table(rows)
+
+
 # ---- coalescing --------------------------------------------------------------------------------
 
 def test_sector_analysis_sees_strided_access():

@@ -16,6 +16,11 @@ planner's choices and workspace layout, bytes moved and the 32-byte sectors each
 touches. What it cannot check: the GPU memory model, real occupancy, cooperative / cluster
 launches, graph capture, speed (docs/CUDA.md).
 
+The "small" build (``build(variant="small")``) also counts the small tensors' bytes (pools, gate,
+hidden, BN moments, weights, running stats, weight gradients, workspace areas): the same source
+compiled with GCC's ThreadSanitizer instrumentation and linked without libtsan, harness.cpp's
+hooks counting accesses in registered ranges while a GPU thread runs (``measure_small``).
+
 The library is built once per source hash (``build/emulator-<hash>/``) and loaded once per process.
 """
 from __future__ import annotations
@@ -35,11 +40,17 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CFLAGS = ["-std=c++20", "-O1", "-fno-strict-aliasing", "-w"]
+# The "small" variant: the same translation unit compiled with GCC's ThreadSanitizer
+# instrumentation (a hook call before every memory access) and linked WITHOUT libtsan; harness.cpp
+# supplies the hooks, which count the bytes of the small tensors (emu_small_*). About 3x slower
+# than the plain build, which is unchanged and stays the default.
+SMALL_CFLAGS = ["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-DCMPE_SE_EMU_SMALL_TRAFFIC"]
+VARIANTS = ("plain", "small")
 LAUNCH_FIELDS = ("threads", "blocks", "splits", "cv", "gw", "vec", "smem", "cooperative", "per_sample", "cluster")
 PATHS = {"persistent": 0, "per_sample": 1, "resident": 2}
 
 _lock = threading.Lock()
-_module = None
+_modules: dict = {}
 
 
 def sources() -> list[str]:
@@ -51,13 +62,15 @@ def sources() -> list[str]:
     return files
 
 
-def source_hash() -> str:
+def source_hash(variant: str = "plain") -> str:
     h = hashlib.sha256()
     for f in sources():
         h.update(os.path.relpath(f, ROOT).encode())
         with open(f, "rb") as fh:
             h.update(fh.read())
     h.update(" ".join(CFLAGS).encode())
+    if variant != "plain":
+        h.update(" ".join(SMALL_CFLAGS).encode())
     return h.hexdigest()[:12]
 
 
@@ -69,38 +82,56 @@ def have_compiler() -> bool:
     return compiler() is not None
 
 
-def _compile(out: str) -> None:
-    """One plain shared library, no torch headers (the Python side allocates every tensor)."""
-    tmp = f"{out}.{os.getpid()}.tmp"
-    cmd = [compiler(), *CFLAGS, "-shared", "-fPIC", "-I", os.path.join(HERE, "shim"), "-I", os.path.join(ROOT, "csrc"),
-           os.path.join(HERE, "harness.cpp"), "-o", tmp, "-ldl"]
+def _run(cmd) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"building the CUDA emulator failed ({' '.join(cmd)}):\n{res.stderr[-6000:]}")
+
+
+def _compile(out: str, variant: str = "plain") -> None:
+    """One plain shared library, no torch headers (the Python side allocates every tensor). The
+    "small" variant compiles with -fsanitize=thread into an object first and links it with -shared
+    only (no libtsan; -z defs: a ThreadSanitizer hook harness.cpp does not supply fails the link)."""
+    tmp = f"{out}.{os.getpid()}.tmp"
+    inc = ["-I", os.path.join(HERE, "shim"), "-I", os.path.join(ROOT, "csrc")]
+    src = os.path.join(HERE, "harness.cpp")
+    if variant == "plain":
+        _run([compiler(), *CFLAGS, "-shared", "-fPIC", *inc, src, "-o", tmp, "-ldl"])
+    else:
+        obj = f"{out}.{os.getpid()}.o"
+        try:
+            _run([compiler(), *CFLAGS, *SMALL_CFLAGS, "-fPIC", *inc, "-c", src, "-o", obj])
+            _run([compiler(), "-shared", obj, "-o", tmp, "-ldl", "-Wl,-z,defs", "-Wl,-Bsymbolic"])
+        finally:
+            if os.path.exists(obj):
+                os.remove(obj)
     os.replace(tmp, out)
 
 
-def build():
-    """The compiled emulator (built at most once per source hash: later processes, and the other
-    pytest-xdist workers, find the finished library in build/emulator-<hash>/ and wait on its lock
-    while one of them builds it)."""
-    global _module
+def build(variant: str = "plain"):
+    """The compiled emulator (built at most once per source hash and variant: later processes, and
+    the other pytest-xdist workers, find the finished library in build/emulator-<hash>/ (the
+    "small" variant, which also counts the small tensors' bytes: build/emulator-small-<hash>/) and
+    wait on its lock while one of them builds it)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
     with _lock:
-        if _module is not None:
-            return _module
-        digest = source_hash()
-        build_dir = os.path.join(ROOT, "build", f"emulator-{digest}")
+        if variant in _modules:
+            return _modules[variant]
+        digest = source_hash(variant)
+        build_dir = os.path.join(ROOT, "build", f"emulator-{digest}" if variant == "plain"
+                                 else f"emulator-{variant}-{digest}")
         os.makedirs(build_dir, exist_ok=True)
         lib = os.path.join(build_dir, "libcmpe_se_emulator.so")
         with open(os.path.join(build_dir, "lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 if not os.path.exists(lib):
-                    _compile(lib)
+                    _compile(lib, variant)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-        _module = _Emulator(lib)
-        return _module
+        _modules[variant] = _Emulator(lib)
+        return _modules[variant]
 
 
 # ---- the library's C interface, with the calls of the former torch extension -------------------
@@ -130,8 +161,14 @@ class _Emulator:
         lib.emu_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                     ctypes.c_int, ctypes.c_double, ctypes.c_double]
         lib.emu_backward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        lib.emu_workspace_areas.restype = ctypes.c_int
+        self.small = bool(lib.emu_small_available())
+        if self.small:
+            lib.emu_small_probe.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         self._lib = lib
         self.path = path
+        self._count_small = False
+        self.last_small = None
 
     def _call(self, rc):
         if rc != 0:
@@ -170,6 +207,63 @@ class _Emulator:
         e = pw.shape[0] if pw is not None and mode in _KERNEL_TAPS else 0
         return self._geom(n, c, h, w, mode, e, fc1.shape[0], fc1.shape[1], m, pad, cl), e
 
+    # ---- the small-tensor counter (the "small" build) ----
+
+    def emu_small_count(self, on):
+        """Count the small tensors' bytes in every following pass (emu_forward / emu_backward); each
+        pass leaves its counts in ``last_small`` (see ``emu_small_traffic``)."""
+        if on and not self.small:
+            raise RuntimeError("the small-tensor counter needs build(variant='small')")
+        self._count_small = bool(on)
+        self.last_small = None
+        if self.small and not on:
+            self._call(self._lib.emu_small_set(0, None, None))
+
+    def emu_small_set(self, named):
+        """Register the ranges to count: [(name, address, bytes)] (zero-size ones dropped)."""
+        named = [(n, int(a), int(b)) for n, a, b in named if b > 0 and a]
+        spans = sorted((a, a + b, n) for n, a, b in named)
+        for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise RuntimeError(f"small-tensor ranges overlap: {n0}, {n1}")
+        self._call(self._lib.emu_small_set(len(named), _i64([a for _, a, _ in named]), _i64([b for _, _, b in named])))
+        self._small_names = [(n, b) for n, _, b in named]
+
+    def emu_small_take(self):
+        """{name: {"bytes", "read", "written", "reads", "writes", "distinct_read", "distinct_written"}}
+        of the registered ranges since emu_small_set (bytes: the range's size)."""
+        out = (ctypes.c_int64 * (6 * max(1, len(self._small_names))))()
+        self._lib.emu_small_take(out)
+        keys = ("read", "written", "reads", "writes", "distinct_read", "distinct_written")
+        return {n: {"bytes": b, **dict(zip(keys, out[6 * i:6 * i + 6]))} for i, (n, b) in enumerate(self._small_names)}
+
+    def emu_small_traffic(self):
+        """The small-tensor counts of the last pass (None when the counter was off)."""
+        return self.last_small
+
+    def emu_small_probe(self, w, out, blocks, threads):
+        self._call(self._lib.emu_small_probe(_ptr(w), _ptr(out), w.numel(), blocks, threads))
+
+    def _ws_areas(self, gv, lv, backward, acc_bytes, ws):
+        vals = (ctypes.c_int64 * 10)()
+        k = self._lib.emu_workspace_areas(gv, lv, int(backward), acc_bytes, vals)
+        names = ("gpart", "dg", "dhp", "z", "dv", "dudx", "dq", "part1", "fin") if backward else ("part", "stat")
+        offs = [0] + list(vals[:k])
+        base = ws.data_ptr()
+        return [(n, base + offs[i], offs[i + 1] - offs[i]) for i, n in enumerate(("header",) + names)]
+
+    def _small_begin(self, tensors, gv, lv, backward, acc_bytes, ws):
+        if not self._count_small:
+            return
+        named = [(n, t.data_ptr(), t.numel() * t.element_size()) for n, t in tensors if t is not None and t.numel()]
+        named += [("ws_" + n, a, b) for n, a, b in self._ws_areas(gv, lv, backward, acc_bytes, ws)]
+        self.emu_small_set(named)
+
+    def _small_end(self):
+        if self._count_small:
+            self.last_small = self.emu_small_take()
+            self._call(self._lib.emu_small_set(0, None, None))
+
     def _workspace(self, gv, launch, backward, acc_bytes, like):
         total = self._lib.emu_workspace_bytes(gv, launch, int(backward), acc_bytes)
         ws = torch.full((total,), 0x7F, dtype=torch.uint8, device=like.device)
@@ -189,8 +283,13 @@ class _Emulator:
         ws = self._workspace(gv, lv, False, acc.itemsize, u)
         ptrs = (ctypes.c_void_p * 18)(*[_ptr(t) for t in (u, x, y, fc1, fc1i, fc2, pw, bw, bb, rm, rv, pu, px, gate,
                                                           hid, bm, bi, ws)])
+        self._small_begin([("pool_u", pu), ("pool_x", px), ("gate", gate), ("hidden", hid), ("bn_mean", bm),
+                           ("bn_invstd", bi), ("fc1", fc1), ("fc1_identity", fc1i), ("fc2", fc2), ("pair_weight", pw),
+                           ("bn_weight", bw), ("bn_bias", bb), ("running_mean", rm), ("running_var", rv)],
+                          gv, lv, False, acc.itemsize, ws)
         self._call(self._lib.emu_forward(ptrs, gv, lv, _DTYPE_CODES[u.dtype], _DTYPE_CODES.get(rm.dtype, 0),
                                          int(training), float(momentum), float(eps)))
+        self._small_end()
         return [y, pu, px, gate, hid, bm, bi]
 
     def emu_backward(self, dy, u, pu, px, gate, hid, bm, bi, fc1, fc1i, fc2, pw, bw, bb, mode, training, m, pad, cl,
@@ -206,7 +305,13 @@ class _Emulator:
         ws = self._workspace(gv, lv, True, acc.itemsize, u)
         ptrs = (ctypes.c_void_p * 23)(*[_ptr(t) for t in (dy, u, gu, gx, pu, px, gate, hid, bm, bi, fc1, fc1i, fc2, pw,
                                                           bw, bb, d1, d1i, d2, dp, dbw, dbb, ws)])
+        self._small_begin([("pool_u", pu), ("pool_x", px), ("gate", gate), ("hidden", hid), ("bn_mean", bm),
+                           ("bn_invstd", bi), ("fc1", fc1), ("fc1_identity", fc1i), ("fc2", fc2), ("pair_weight", pw),
+                           ("bn_weight", bw), ("bn_bias", bb), ("d_fc1", d1), ("d_fc1_identity", d1i), ("d_fc2", d2),
+                           ("d_pair_weight", dp), ("d_bn_weight", dbw), ("d_bn_bias", dbb)],
+                          gv, lv, True, acc.itemsize, ws)
         self._call(self._lib.emu_backward(ptrs, gv, lv, _DTYPE_CODES[u.dtype], int(training)))
+        self._small_end()
         return [gu, gx, d1, d1i, d2, dp, dbw, dbb]
 
     def emu_trace(self, on):
@@ -518,3 +623,24 @@ def measure(mode, dtype, shape, layout, training, fwd_launch, bwd_launch, **case
     _, ev, th = traced(lambda: emu.emu_backward(*bwd_args(d["dy"], d, out, kw), cl, _lvec(bwd_launch)))
     bwd = analyse(ev, th, BWD_TENSORS, tb)
     return fwd, bwd
+
+
+# ---- the small tensors' bytes (the "small" build) -----------------------------------------------
+
+def measure_small(mode, dtype, shape, layout, training, fwd_launch, bwd_launch, **case_kw):
+    """Forward and backward on the "small" build with the small-tensor counter on: (forward counts,
+    backward counts, T bytes); counts as ``_Emulator.emu_small_take`` returns them (per small
+    tensor and workspace area: bytes read and written, accesses, distinct bytes)."""
+    emu = build("small")
+    d, _, _, kw = make_case(mode, dtype, shape, layout, training, **case_kw)
+    cl = _layout_cl(layout, shape)
+    tb = d["u"].numel() * d["u"].element_size()
+    emu.emu_small_count(True)
+    try:
+        out = emu.emu_forward(*fwd_args(d, kw), cl, _lvec(fwd_launch))
+        fwd = emu.emu_small_traffic()
+        emu.emu_backward(*bwd_args(d["dy"], d, out, kw), cl, _lvec(bwd_launch))
+        bwd = emu.emu_small_traffic()
+    finally:
+        emu.emu_small_count(False)
+    return fwd, bwd, tb

@@ -34,6 +34,81 @@ std::vector<int64_t> g_launch_threads;  // threads per block of each traced laun
 
 using namespace cmpe_se;
 
+// ---- the small-tensor counter (the "small" build only: -fsanitize=thread at compile time) ----
+// GCC's ThreadSanitizer instrumentation calls __tsan_readN / __tsan_writeN before every memory
+// access the compiled code makes that is not provably thread-local; this library is linked
+// WITHOUT libtsan and supplies those hooks itself (below): they count the bytes of an access only
+// while a GPU thread runs (run_grid sets g_small_on around each fiber's turn) and only when its
+// address falls in one of the ranges registered by emu_small_set (the small tensors: pools, gate,
+// hidden, BN moments, weights, running stats, weight gradients, workspace areas). Full-size
+// tensors stay with the tracer above; shared memory (Block::smem), the fibers' stacks and the
+// emulator's own data are never registered. The hooks are not instrumented themselves.
+#ifdef CMPE_SE_EMU_SMALL_TRAFFIC
+namespace emu_small {
+constexpr int kMax = 48;
+struct Range {
+  uintptr_t begin, end;
+  int64_t read, written, reads, writes;  // bytes, accesses
+  unsigned char* seen;                   // per byte: 1 read, 2 written
+};
+Range g_r[kMax];
+int g_n = 0;
+uintptr_t g_lo = ~(uintptr_t)0, g_hi = 0;
+bool g_on = false;  // a fiber (GPU thread) of a launch is running
+
+__attribute__((no_sanitize_thread, always_inline)) inline void hit(const void* p, uintptr_t n, bool store) {
+  if (!g_on) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (a >= g_hi || a + n <= g_lo) return;
+  for (int i = 0; i < g_n; ++i) {
+    Range& r = g_r[i];
+    if (a >= r.begin && a < r.end) {
+      const uintptr_t m = a + n <= r.end ? n : r.end - a;
+      if (store) { r.written += (int64_t)m; ++r.writes; }
+      else { r.read += (int64_t)m; ++r.reads; }
+      const unsigned char bit = store ? 2 : 1;
+      for (uintptr_t k = 0; k < m; ++k) r.seen[a - r.begin + k] |= bit;
+      return;
+    }
+  }
+}
+}  // namespace emu_small
+
+#define EMU_TSAN_HOOK(name, n, store) \
+  extern "C" __attribute__((no_sanitize_thread, used)) void name(void* p) { emu_small::hit(p, (n), (store)); }
+EMU_TSAN_HOOK(__tsan_read1, 1, false)
+EMU_TSAN_HOOK(__tsan_read2, 2, false)
+EMU_TSAN_HOOK(__tsan_read4, 4, false)
+EMU_TSAN_HOOK(__tsan_read8, 8, false)
+EMU_TSAN_HOOK(__tsan_read16, 16, false)
+EMU_TSAN_HOOK(__tsan_write1, 1, true)
+EMU_TSAN_HOOK(__tsan_write2, 2, true)
+EMU_TSAN_HOOK(__tsan_write4, 4, true)
+EMU_TSAN_HOOK(__tsan_write8, 8, true)
+EMU_TSAN_HOOK(__tsan_write16, 16, true)
+EMU_TSAN_HOOK(__tsan_unaligned_read2, 2, false)
+EMU_TSAN_HOOK(__tsan_unaligned_read4, 4, false)
+EMU_TSAN_HOOK(__tsan_unaligned_read8, 8, false)
+EMU_TSAN_HOOK(__tsan_unaligned_read16, 16, false)
+EMU_TSAN_HOOK(__tsan_unaligned_write2, 2, true)
+EMU_TSAN_HOOK(__tsan_unaligned_write4, 4, true)
+EMU_TSAN_HOOK(__tsan_unaligned_write8, 8, true)
+EMU_TSAN_HOOK(__tsan_unaligned_write16, 16, true)
+#undef EMU_TSAN_HOOK
+extern "C" __attribute__((no_sanitize_thread, used)) void __tsan_read_range(void* p, unsigned long n) {
+  emu_small::hit(p, n, false);
+}
+extern "C" __attribute__((no_sanitize_thread, used)) void __tsan_write_range(void* p, unsigned long n) {
+  emu_small::hit(p, n, true);
+}
+extern "C" __attribute__((no_sanitize_thread, used)) void __tsan_init() {}
+extern "C" __attribute__((no_sanitize_thread, used)) void __tsan_func_entry(void*) {}
+extern "C" __attribute__((no_sanitize_thread, used)) void __tsan_func_exit() {}
+#define EMU_SMALL_ON(v) (emu_small::g_on = (v))
+#else
+#define EMU_SMALL_ON(v) ((void)0)
+#endif
+
 // ---- fibers: every GPU thread of a launch is a ucontext on the calling OS thread ----
 namespace emu {
 constexpr size_t kStack = 256 * 1024;  // per GPU thread (pages are touched lazily); one guard page below
@@ -114,7 +189,9 @@ void run_grid(int blocks, int threads, size_t smem, F kernel, int cluster = 1) {
       emu::tl_bid = f.bid;
       emu::tl_block = f.block;
       emu::tl_events = f.events;
+      EMU_SMALL_ON(true);
       swapcontext(&emu::g_sched, &f.ctx);
+      EMU_SMALL_ON(false);
       if (f.done) {
         --live;
         munmap(f.mem, total);
@@ -333,6 +410,99 @@ int64_t emu_workspace_bytes(const int64_t* gv, const int64_t* launch, int backwa
   const Geometry g = geom_of(gv);
   const Launch l = launch_of(launch);
   return backward ? (int64_t)backward_workspace(g, l, acc).total : (int64_t)forward_workspace(g, l, acc).total;
+}
+
+// Offsets of the workspace areas of a pass with this launch, then its total (forward: part, stat,
+// total; backward: gpart, dg, dhp, z, dv, dudx, dq, part1, fin, total); the header (counters) is
+// [0, 256). Returns the number of values written.
+int emu_workspace_areas(const int64_t* gv, const int64_t* launch, int backward, int acc, int64_t* out) {
+  const Geometry g = geom_of(gv);
+  const Launch l = launch_of(launch);
+  if (backward) {
+    const BackwardWorkspace w = backward_workspace(g, l, acc);
+    const size_t v[10] = {w.gpart, w.dg, w.dhp, w.z, w.dv, w.dudx, w.dq, w.part1, w.fin, w.total};
+    for (int i = 0; i < 10; ++i) out[i] = (int64_t)v[i];
+    return 10;
+  }
+  const ForwardWorkspace w = forward_workspace(g, l, acc);
+  out[0] = (int64_t)w.part; out[1] = (int64_t)w.stat; out[2] = (int64_t)w.total;
+  return 3;
+}
+
+// Whether this library counts the small tensors' traffic (the "small" build).
+int emu_small_available() {
+#ifdef CMPE_SE_EMU_SMALL_TRAFFIC
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+#ifdef CMPE_SE_EMU_SMALL_TRAFFIC
+// Registers the ranges [begin, begin + bytes) to count (disjoint; at most 48) and zeroes their
+// counters; n = 0 clears them.
+int emu_small_set(int n, const int64_t* begins, const int64_t* bytes) {
+  return guarded([&] {
+    check(n >= 0 && n <= emu_small::kMax, "emu_small_set: too many ranges");
+    for (int i = 0; i < emu_small::g_n; ++i) delete[] emu_small::g_r[i].seen;
+    emu_small::g_n = 0;
+    emu_small::g_lo = ~(uintptr_t)0;
+    emu_small::g_hi = 0;
+    for (int i = 0; i < n; ++i) {
+      emu_small::Range& r = emu_small::g_r[i];
+      r.begin = (uintptr_t)begins[i];
+      r.end = r.begin + (uintptr_t)bytes[i];
+      r.read = r.written = r.reads = r.writes = 0;
+      r.seen = new unsigned char[(size_t)bytes[i] + 1]();
+      emu_small::g_lo = std::min(emu_small::g_lo, r.begin);
+      emu_small::g_hi = std::max(emu_small::g_hi, r.end);
+    }
+    emu_small::g_n = n;
+  });
+}
+
+// Per registered range: [bytes read, bytes written, read accesses, write accesses, distinct bytes
+// read, distinct bytes written] (6 int64 each, in registration order).
+void emu_small_take(int64_t* out) {
+  for (int i = 0; i < emu_small::g_n; ++i) {
+    const emu_small::Range& r = emu_small::g_r[i];
+    int64_t dr = 0, dw = 0;
+    for (uintptr_t k = 0; k < r.end - r.begin; ++k) {
+      dr += r.seen[k] & 1;
+      dw += (r.seen[k] >> 1) & 1;
+    }
+    const int64_t v[6] = {r.read, r.written, r.reads, r.writes, dr, dw};
+    std::copy(v, v + 6, out + 6 * i);
+  }
+}
+#endif
+
+// A planted launch for the counter's own test (tests/test_gpu_evidence.py): `blocks` blocks of
+// `threads` threads; each thread reads w[t % n] (4-byte floats), stores it in shared memory, waits
+// at __syncthreads (a call: the compiler must load w again), reads w[t % n] a second time and its
+// neighbour's value from shared memory, stores the sum in shared memory; after a barrier thread 0
+// of each block writes out[block] (two shared values). The host reads
+// w[0] before the launch and writes out[blocks] after it (outside a launch: not counted). Counted:
+// reads of w 2 x 4 bytes per thread, writes of out 4 bytes per block.
+int emu_small_probe(float* w, float* out, int n, int blocks, int threads) {
+  return guarded([&] {
+    check(n > 0 && blocks > 0 && threads > 0 && threads % 32 == 0, "emu_small_probe: bad sizes");
+    const float host = w[0];
+    run_grid(blocks, threads, (size_t)threads * sizeof(float), [&] {
+      CMPE_SE_DYNAMIC_SMEM(smem);
+      float* s = reinterpret_cast<float*>(smem);
+      const int t = threadIdx.x;
+      const float a = w[t % n];
+      s[t] = a;
+      __syncthreads();
+      const float b = w[t % n] + s[(t + 1) % blockDim.x];
+      __syncthreads();
+      s[t] = b;  // every thread uses its second read
+      __syncthreads();
+      if (t == 0) out[blockIdx.x] = s[0] + s[blockDim.x - 1];
+    });
+    out[blocks] = host;
+  });
 }
 
 // One forward pass. t: [u, x, y, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var,
