@@ -243,7 +243,7 @@ else
     # bytes, coalescing and the Triton bytes come from the CPU emulator / Triton's interpreter (no
     # GPU needed: run them at home); --bench-md puts the model next to bench.md's cuda rows
     step evidence "$(cap 90 0)" "$OUT/evidence.md" \
-        "$PY" benchmarks/gpu_evidence.py --skip bytes,sectors,triton --measured "$OUT" --bench-md
+        "$PY" benchmarks/gpu_evidence.py --skip bytes,small,sectors,triton --measured "$OUT" --bench-md
     done_step evidence "evidence.md: occupancy from cuobjdump, model vs measured (also in bench.md)"
 fi
 

@@ -54,7 +54,7 @@ def test_gpu_evidence_exits_nonzero_when_a_budget_breaks(monkeypatch, capsys):
     _emu()
     tight = {k: v - 0.5 for k, v in GE.BUDGET.items()}
     monkeypatch.setattr(GE, "BUDGET", tight)
-    assert GE.main(["--modes", "se", "--skip", "sectors,occupancy,model,triton"]) == 1
+    assert GE.main(["--modes", "se", "--skip", "sectors,occupancy,model,triton,small"]) == 1
     assert "BUDGETS BROKEN" in capsys.readouterr().out
 
 
@@ -491,7 +491,7 @@ def test_gpu_evidence_exits_nonzero_when_triton_is_over(monkeypatch, capsys):
            "launches": [{"kernel": "_excite_kernel", "grid": [2, 1], "read_T": 5.0, "written_T": 1.0,
                          "per_tensor": {"U": 3.0, "X": 2.0, "Y": 1.0}, "small_bytes": 10, "small": {"w1": 10}}]}
     monkeypatch.setattr(GE, "triton_rows", lambda **kw: [{**row, "ok": GE.triton_row_ok(row)}])
-    assert GE.main(["--modes", "se", "--skip", "bytes,sectors,occupancy,model"]) == 1
+    assert GE.main(["--modes", "se", "--skip", "bytes,sectors,occupancy,model,small"]) == 1
     out = capsys.readouterr().out
     assert "BUDGETS BROKEN" in out and "6.00T **OVER**" in out and "U 3 (x3)" in out
 
@@ -514,7 +514,7 @@ def test_model_goes_into_bench_md(tmp_path, capsys):
     (tmp_path / "bench.json").write_text(__import__("json").dumps({"meta": meta, "rows": rows}))
     (tmp_path / "bench.md").write_text("# bench\n\n| a | b |\n|---|---|\n")
     for _ in range(2):
-        assert GE.main(["--skip", "bytes,sectors,occupancy,triton", "--measured", str(tmp_path), "--bench-md"]) == 0
+        assert GE.main(["--skip", "bytes,sectors,occupancy,triton,small", "--measured", str(tmp_path), "--bench-md"]) == 0
     md = (tmp_path / "bench.md").read_text()
     assert md.startswith("# bench") and md.count(GE.BENCH_BEGIN) == 1 and md.count(GE.BENCH_END) == 1
     section = md[md.index(GE.BENCH_BEGIN):]
