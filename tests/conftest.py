@@ -7,6 +7,7 @@ same dtype, plus a tiny absolute floor for outputs that are exactly representabl
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -18,6 +19,32 @@ TOL_MULTIPLE = 4.0
 
 def has_cuda() -> bool:
     return torch.cuda.is_available()
+
+
+def _first_import_of_triton_for_the_interpreter() -> bool:
+    """Without a GPU, import triton here, before any test module, with ``TRITON_INTERPRET=1``.
+
+    Triton makes its own language functions interpreted only if the variable is set at its first
+    import, and ``tests/test_triton.py`` can run its cases in this process only then. Left to
+    collection order, the first import came from a module that imports torchvision (which imports
+    torch._dynamo, which imports triton), so with torchvision installed (CI) every Triton case was
+    reported as skipped and all of them ran in one serial subprocess instead. The variable is unset
+    again at once: kernels decorated later are compiled ones unless their module sets it (as
+    test_triton.py does). True when this import was the first."""
+    if has_cuda() or "triton" in sys.modules or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError:
+        return False
+    finally:
+        os.environ.pop("TRITON_INTERPRET", None)
+    return True
+
+
+TRITON_INTERPRETER_FIRST = _first_import_of_triton_for_the_interpreter()
 
 
 # The longest tests of a CPU run (seconds in CI, docs/TESTING.md), longest first. Collection puts

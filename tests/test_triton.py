@@ -2,9 +2,10 @@
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (small shapes; fp32, fp16
 and fp64; the interpreter has no bf16). Triton decides at decoration time whether a kernel is
-interpreted, and its own language functions at its first import: this module sets
-``TRITON_INTERPRET=1`` before importing triton and only while its own tests run; if another module
-imported triton first, the tests re-run in a subprocess (``test_interpreter_subprocess``). GPU tests (real shapes, bf16) carry the ``cuda``
+interpreted, and its own language functions at its first import: conftest imports triton first,
+with ``TRITON_INTERPRET=1``; this module sets the variable before importing the kernels and only
+while its own tests run; if something imported triton before conftest, the tests re-run in a
+subprocess (``test_interpreter_subprocess``). GPU tests (real shapes, bf16) carry the ``cuda``
 marker.
 
 Tolerance rule (conftest): error against the float64 reference at most ``TOL_MULTIPLE`` times the
@@ -17,6 +18,7 @@ import os
 import subprocess
 import sys
 
+import conftest
 import pytest
 import torch
 
@@ -24,7 +26,7 @@ _CPU_ONLY = not torch.cuda.is_available()
 _ENV_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Triton's own language functions are interpreted only if TRITON_INTERPRET=1 was set before triton
 # was first imported. If another test module imported it earlier, run this file in a subprocess.
-_IN_PROCESS = not _CPU_ONLY or _ENV_INTERPRET or "triton" not in sys.modules
+_IN_PROCESS = not _CPU_ONLY or _ENV_INTERPRET or "triton" not in sys.modules or conftest.TRITON_INTERPRETER_FIRST
 if _CPU_ONLY and _IN_PROCESS and not _ENV_INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
 try:
@@ -48,7 +50,8 @@ if not _IN_PROCESS:
 
 @pytest.fixture(autouse=True)
 def _needs_backend(request):
-    if not ok and request.node.originalname not in ("test_interpreter_subprocess", "test_compiles_for_sm90"):
+    if not ok and request.node.originalname not in ("test_interpreter_subprocess", "test_compiles_for_sm90",
+                                                    "test_interpreter_cases_run_in_this_process"):
         pytest.skip(f"triton backend unavailable: {why}")
 
 
@@ -61,6 +64,16 @@ def _interpreter_env():
     os.environ["TRITON_INTERPRET"] = "1"
     yield
     os.environ.pop("TRITON_INTERPRET", None)
+
+
+@pytest.mark.skipif(not _CPU_ONLY or _ENV_INTERPRET, reason="needs a CPU-only run without TRITON_INTERPRET set")
+def test_interpreter_cases_run_in_this_process():
+    """Which module imports triton first must not decide how the cases run: conftest imports it
+    first, for the interpreter. (With torchvision installed, a test module's torchvision import
+    used to come first: every case below was reported as skipped and ran in one subprocess.)"""
+    pytest.importorskip("triton")
+    assert conftest.TRITON_INTERPRETER_FIRST, "triton was imported before conftest"
+    assert _IN_PROCESS and ok and tk.INTERPRETED, why
 
 
 @pytest.mark.skipif(_IN_PROCESS, reason="the interpreter tests run in this process")
