@@ -44,6 +44,7 @@ def _first_import_of_triton_for_the_interpreter() -> bool:
     return True
 
 
+TRITON_IMPORTED_BEFORE_CONFTEST = "triton" in sys.modules  # e.g. by a plugin (``-p``)
 TRITON_INTERPRETER_FIRST = _first_import_of_triton_for_the_interpreter()
 
 
