@@ -31,7 +31,7 @@ def _first_import_of_triton_for_the_interpreter() -> bool:
     reported as skipped and all of them ran in one serial subprocess instead. The variable is unset
     again at once: kernels decorated later are compiled ones unless their module sets it (as
     test_triton.py does). True when this import was the first."""
-    if has_cuda() or "triton" in sys.modules or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if has_cuda() or TRITON_IMPORTED_BEFORE_CONFTEST or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
     os.environ["TRITON_INTERPRET"] = "1"
     try:

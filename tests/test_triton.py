@@ -25,7 +25,8 @@ import torch
 _CPU_ONLY = not torch.cuda.is_available()
 _ENV_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Triton's own language functions are interpreted only if TRITON_INTERPRET=1 was set before triton
-# was first imported. If another test module imported it earlier, run this file in a subprocess.
+# was first imported (conftest does that first). If something imported it before conftest, run this
+# file in a subprocess.
 _IN_PROCESS = not _CPU_ONLY or _ENV_INTERPRET or "triton" not in sys.modules or conftest.TRITON_INTERPRETER_FIRST
 if _CPU_ONLY and _IN_PROCESS and not _ENV_INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
