@@ -5,7 +5,10 @@ Builds two compiled extensions against the torch that is installed (build with
 
 * ``cmpe_se_fused._C``      op schemas + fused CPU kernels (``csrc/ops.cpp``, ``csrc/cpu/*.cpp``)
 * ``cmpe_se_fused._C_cuda`` CUDA kernels (``csrc/cuda/*.cu``, ``csrc/cuda/*.cpp``), built when
-  nvcc and a CUDA build of torch are present. No GPU is needed at build time.
+  nvcc and a CUDA build of torch are present and the build wants CUDA: a GPU is visible at build
+  time, or ``FORCE_CUDA=1``, or ``TORCH_CUDA_ARCH_LIST`` is given (the detectron2 / mmcv /
+  pytorch3d convention; wheel builders and CI set the switch). Otherwise it is skipped with one
+  line saying so: compiling it is most of a plain install's time (minutes) for a GPU that is not here.
 
 Failures are loud. A missing toolchain (no C++ compiler; no nvcc or a CPU-only torch for
 ``_C_cuda``) skips that extension with a one-line reason; a compile error fails the build. What
@@ -15,14 +18,16 @@ and the ``cuda`` backend's architecture check read.
 
 Environment switches (the ones flash-attention / xformers users know):
 
-* ``TORCH_CUDA_ARCH_LIST``   default: the GPUs visible at build time; with none visible
-  ``8.0;9.0+PTX`` (SASS for sm_80 and sm_90, PTX for compute_90 that newer GPUs JIT-compile)
+* ``TORCH_CUDA_ARCH_LIST``   builds ``_C_cuda`` for these architectures; default: the GPUs visible at
+  build time; with none visible (and ``FORCE_CUDA=1``) ``8.0;9.0+PTX`` (SASS for sm_80 and sm_90, PTX
+  for compute_90 that newer GPUs JIT-compile)
 * ``MAX_JOBS``, ``NVCC_THREADS``  parallel compile jobs / nvcc threads per job (default 4)
 * ``CMPE_SE_SKIP_CUDA_BUILD=1``   never build the CUDA extension
 * ``CMPE_SE_SKIP_CPP_BUILD=1``    build nothing (pure-Python install: reference + Triton)
 * ``CMPE_SE_ALLOW_BUILD_FAILURE=1``  install even if an extension fails to compile (it is skipped
   and recorded) instead of failing the build
-* ``FORCE_CUDA=1``                fail the build if the CUDA extension is not built, whatever the reason
+* ``FORCE_CUDA=1``                build the CUDA extension without a visible GPU, and fail the build if it
+  is not built, whatever the reason
 * ``CMPE_SE_DEBUG_INFO=1``        keep host debug info (``-g``, from Python's CFLAGS); by default the
   C++ units are compiled with ``-g0``, which halves the compile time of the units that include torch
   headers and shrinks the wheel (torch's own wheels carry no debug info either)
@@ -51,6 +56,11 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-Xptxas=-v",
 NO_TORCH = ("torch is not importable at build time, so no kernel can be compiled: install torch first and "
             "build with --no-build-isolation (pip install --no-build-isolation .), or set "
             "CMPE_SE_SKIP_CPP_BUILD=1 for a pure-Python install (reference + Triton backends only)")
+
+#: the default skip of _C_cuda (the one line a plain install on a machine without a GPU prints)
+NO_GPU = ("no GPU visible at build time, so the CUDA kernels (minutes of nvcc) are not compiled; to build them "
+          f"for a GPU elsewhere set FORCE_CUDA=1 (architectures {DEFAULT_ARCH_LIST}) or TORCH_CUDA_ARCH_LIST, "
+          "e.g. TORCH_CUDA_ARCH_LIST=9.0")
 
 
 def _flag(name, env=None):
@@ -125,6 +135,21 @@ def extension_plan(torch_mod, cuda_home, env=None, root=ROOT):
     return plan, skipped
 
 
+def cuda_skip_reason(torch_mod, env=None):
+    """Why ``_C_cuda`` is not wanted by this build (None: build it): it is wanted when a GPU is
+    visible at build time, ``FORCE_CUDA=1`` or ``TORCH_CUDA_ARCH_LIST`` is given. The toolchain
+    checks are :func:`extension_plan`'s."""
+    env = os.environ if env is None else env
+    if _flag("FORCE_CUDA", env) or env.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        return None
+    try:
+        if torch_mod.cuda.is_available():
+            return None
+    except Exception:  # noqa: BLE001 - a broken driver is "no GPU visible"
+        pass
+    return NO_GPU
+
+
 def resolve_arch_list(torch_mod, env=None):
     """``(TORCH_CUDA_ARCH_LIST to use or None for torch's own choice, where it came from)``."""
     env = os.environ if env is None else env
@@ -161,8 +186,9 @@ def build_info_source(state=_State):
     info = {
         "planned": list(state.planned),
         "skipped": dict(state.skipped),
-        # skipped by a user switch (CMPE_SE_SKIP_*, CMPE_SE_BUILD_ONLY), not for a missing toolchain
-        "opted_out": sorted(n for n, why in state.skipped.items() if why.startswith("CMPE_SE_")),
+        # skipped by a user switch (CMPE_SE_SKIP_*, CMPE_SE_BUILD_ONLY) or by the no-GPU default, not for a
+        # missing toolchain
+        "opted_out": sorted(n for n, why in state.skipped.items() if why.startswith("CMPE_SE_") or why == NO_GPU),
         "cuda_arch": dict(state.cuda_arch),
         "torch": state.torch_version,
         "torch_cuda": state.torch_cuda,
@@ -231,6 +257,9 @@ def main():
         except ImportError:
             pass
     plan, skipped = extension_plan(torch, cuda_home)
+    no_cuda = cuda_skip_reason(torch) if "_C_cuda" in dict(plan) else None
+    if no_cuda:
+        plan, skipped = [(n, src) for n, src in plan if n != "_C_cuda"], dict(skipped, _C_cuda=no_cuda)
     _State.planned, _State.skipped = [n for n, _ in plan], skipped
     if torch is not None:
         _State.torch_version, _State.torch_cuda = torch.__version__, torch.version.cuda

@@ -71,7 +71,8 @@ def _nvcc_present() -> bool:
 REQUIRE_EXTRA = {
     "cuda-build": "cmpe_se_fused._C_cuda is built and loads (no GPU needed)",
     "built": "every extension this machine can build is built: _C, and _C_cuda where nvcc and a CUDA torch "
-             "are present (unless the build opted out with CMPE_SE_SKIP_CUDA_BUILD / CMPE_SE_BUILD_ONLY)",
+             "are present (unless the build opted out with CMPE_SE_SKIP_CUDA_BUILD / CMPE_SE_BUILD_ONLY, or "
+             "skipped it because no GPU was visible and neither FORCE_CUDA=1 nor TORCH_CUDA_ARCH_LIST asked for it)",
 }
 
 

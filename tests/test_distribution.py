@@ -416,3 +416,64 @@ def test_wheel_from_sdist_in_a_fresh_venv(tmp_path):
     res = subprocess.run([py, "-m", "cmpe_se_fused.info", "--require", "cpu,built"], capture_output=True,
                          text=True, cwd=str(tmp_path), check=False)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# ---- when _C_cuda is built (issue 25: a plain install on a machine without a GPU) ---------------
+
+def _torch_with_gpu(visible: bool):
+    return types.SimpleNamespace(__version__="2.x", version=types.SimpleNamespace(cuda="13.0"),
+                                 cuda=types.SimpleNamespace(is_available=lambda: visible))
+
+
+@pytest.mark.parametrize("visible,env,wanted", [
+    (True, {}, True),                                       # a GPU at build time: build for it
+    (False, {}, False),                                     # none, no switch: skip with the reason
+    (False, {"FORCE_CUDA": "1"}, True),                     # a wheel builder / CI: the default arch list
+    (False, {"TORCH_CUDA_ARCH_LIST": "9.0"}, True),         # an explicit list asks for CUDA too
+    (False, {"FORCE_CUDA": "0", "TORCH_CUDA_ARCH_LIST": " "}, False),
+])
+def test_cuda_extension_is_built_for_a_visible_gpu_or_on_request(visible, env, wanted):
+    setup = _load_setup()
+    why = setup.cuda_skip_reason(_torch_with_gpu(visible), env=env)
+    assert (why is None) == wanted, why
+    if not wanted:
+        # the one line says what is skipped, why, and how to get it
+        assert "no GPU visible" in why and "FORCE_CUDA=1" in why and "TORCH_CUDA_ARCH_LIST" in why
+        assert setup.DEFAULT_ARCH_LIST in why
+
+
+def test_the_no_gpu_skip_is_an_opt_out_for_require_built():
+    """``info --require built`` passes after a default install without a GPU (the skip is the
+    build's choice, not a missing toolchain), and the record carries the reason."""
+    setup = _load_setup()
+
+    class State(setup._State):
+        skipped = {"_C_cuda": setup.NO_GPU}
+    ns = {}
+    exec(setup.build_info_source(State), ns)  # noqa: S102 - the generated file, read back as ops does
+    assert ns["BUILD_INFO"]["opted_out"] == ["_C_cuda"] and ns["BUILD_INFO"]["skipped"]["_C_cuda"] == setup.NO_GPU
+
+
+def _setup_py_lines(extra_env):
+    """stderr of ``python setup.py --version`` (runs the build plan, compiles nothing)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_CUDA", "TORCH_CUDA_ARCH_LIST", "CMPE_SE_BUILD_ONLY",
+                                                            "CMPE_SE_SKIP_CUDA_BUILD", "CMPE_SE_SKIP_CPP_BUILD")}
+    res = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=dict(env, **extra_env),
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return [line for line in res.stderr.splitlines() if line.startswith("[cmpe_se_fused]")]
+
+
+@pytest.mark.skipif(torch.version.cuda is None or torch.cuda.is_available() or shutil.which("nvcc") is None,
+                    reason="needs a CUDA torch and nvcc without a visible GPU (the no-GPU default)")
+def test_plain_build_without_a_gpu_says_it_skips_cuda_in_one_line():
+    """A fresh setup.py process, as pip runs it: no GPU and no switch prints one line naming _C_cuda,
+    the reason and the switches; FORCE_CUDA=1 plans it for the default architectures."""
+    lines = _setup_py_lines({})
+    cuda_lines = [line for line in lines if "_C_cuda" in line]
+    assert len(cuda_lines) == 1 and "skipping _C_cuda: no GPU visible" in cuda_lines[0], lines
+    assert "FORCE_CUDA=1" in cuda_lines[0]
+    assert not any("CUDA architectures" in line for line in lines)
+    forced = _setup_py_lines({"FORCE_CUDA": "1"})
+    assert any("CUDA architectures: SASS sm_80, sm_90; PTX compute_90" in line for line in forced), forced
+    assert not any("skipping _C_cuda" in line for line in forced), forced
