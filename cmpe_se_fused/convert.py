@@ -24,6 +24,7 @@ unambiguous), ``padding`` from ``pair_conv``, eps and momentum from ``pair_bn``.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -190,16 +191,20 @@ def convert_model(model: nn.Module, backend: str = "auto", inplace: bool = False
     ``CMPESE``; a ``CMPESE`` with another backend is rebuilt with ``backend`` (a ``SyncCMPESE``
     stays one, same process group); a ``CMPESE`` already on ``backend`` is left alone. Returns the
     converted model (``model`` itself when it is a layer gets replaced, so use the return value).
-    ``inplace=False`` (default) deep-copies ``model`` first and leaves it untouched.
+    ``inplace=False`` (default) deep-copies ``model`` first and leaves it untouched. A model
+    with no CMPE-SE layer is returned unchanged with a ``UserWarning`` naming :func:`add_cmpe_se`
+    (which puts the layers into a torchvision or timm ResNet).
     """
     _check_backend(backend)
     if not inplace:
         model = copy.deepcopy(model)
     from .distributed import SyncCMPESE  # circular: distributed imports this module
+    found = []
 
     def fn(m):
         if not is_cmpe_se_layer(m):
             return None
+        found.append(m)
         bn = getattr(m, "pair_bn", None)
         if isinstance(m, CMPESE) and m.backend == backend and not isinstance(bn, nn.SyncBatchNorm):
             return m
@@ -212,7 +217,12 @@ def convert_model(model: nn.Module, backend: str = "auto", inplace: bool = False
             return new
         return _adopt(CMPESE, m, cfg, backend=backend)
 
-    return _swap(model, fn)
+    model = _swap(model, fn)
+    if not found:
+        warnings.warn(f"convert_model: {type(model).__module__}.{type(model).__name__} has no CMPE-SE layer, "
+                      "nothing was converted; to add CMPE-SE layers to a torchvision or timm ResNet use "
+                      "cmpe_se_fused.convert.add_cmpe_se(model, mode=...)", UserWarning, stacklevel=2)
+    return model
 
 
 def revert_model(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -220,11 +230,29 @@ def revert_model(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     The inverse of :func:`convert_model` for ``CMPESEReference`` layers: the round trip gives
     bitwise the same state_dict and outputs. Duck-typed eager layers are left as they are. A
-    ``SyncCMPESE`` becomes a plain (local-statistics) ``CMPESEReference``.
+    ``SyncCMPESE`` becomes a plain (local-statistics) ``CMPESEReference``. A model with no
+    ``CMPESE`` is returned unchanged with a ``UserWarning`` (naming :func:`add_cmpe_se` when it has no
+    CMPE-SE layer at all).
     """
     if not inplace:
         model = copy.deepcopy(model)
-    return _swap(model, lambda m: _adopt(CMPESEReference, m, layer_config(m)) if isinstance(m, CMPESE) else None)
+    found = []
+
+    def fn(m):
+        if not isinstance(m, CMPESE):
+            return None
+        found.append(m)
+        return _adopt(CMPESEReference, m, layer_config(m))
+
+    model = _swap(model, fn)
+    if not found:
+        eager = sum(is_cmpe_se_layer(m) for m in model.modules())
+        why = (f"its {eager} CMPE-SE layer(s) are already eager" if eager else
+               "it has no CMPE-SE layer (to add CMPE-SE layers to a torchvision or timm ResNet use "
+               "cmpe_se_fused.convert.add_cmpe_se(model, mode=...))")
+        warnings.warn(f"revert_model: {type(model).__module__}.{type(model).__name__} has no fused CMPESE layer "
+                      f"to revert, nothing was changed: {why}", UserWarning, stacklevel=2)
+    return model
 
 
 _LAYER_KWARGS = ("reduction", "pair_filters", "fold_width", "padding", "bn_eps", "bn_momentum")

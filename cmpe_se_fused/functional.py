@@ -45,23 +45,39 @@ def as_int(value):
         return None
 
 
-def check_fold(mode, channels, fold_width, padding):
+def check_fold(mode, channels, fold_width, padding, *, default=16):
     """``padding`` is 0 or 1; for ``folded_3x3``, ``fold_width`` divides C and the fold is big
     enough for a 3x3 conv (2k >= 3 and m >= 3 with padding 0). Integer-like values (numpy
     integers) are accepted; returns ``(fold_width, padding)`` as Python ints (``fold_width``
-    unchanged outside ``folded_3x3``)."""
+    unchanged outside ``folded_3x3``). A bad ``fold_width`` is reported with the valid ones for C,
+    nearest C/10 first (the networks' rule, SPEC section 5), and, when it is ``default`` (the
+    constructor's and the function's default), says so: the user may never have passed it."""
     if as_int(padding) not in (0, 1):
         raise ValueError(f"padding must be 0 or 1, got {padding!r}")
     padding = as_int(padding)
     if mode != "folded_3x3":
         return (as_int(fold_width) if as_int(fold_width) is not None else fold_width), padding
     fold_width = as_int(fold_width) if as_int(fold_width) is not None else fold_width
+
+    def valid_widths():
+        ok = [m for m in range(1, channels + 1)
+              if channels % m == 0 and min(map_shape(mode, channels, m, padding)) >= 1]
+        ok.sort(key=lambda m: (abs(m - channels / 10), m))
+        if not ok:
+            return f"no fold width works for C={channels} with padding={padding} (try padding=1 or another mode)"
+        shown = ", ".join(map(str, ok[:8])) + (", ..." if len(ok) > 8 else "")
+        return f"valid fold widths for C={channels} with padding={padding}, nearest C/10 first: {shown}"
+
+    given = (f"got {fold_width!r} (the default fold_width, used when none is passed)" if fold_width == default
+             else f"got {fold_width!r}")
     if not isinstance(fold_width, int) or fold_width < 1 or channels % fold_width:
-        raise ValueError(f"fold_width must be a positive divisor of the channel count {channels}, got {fold_width!r}")
+        raise ValueError(f"fold_width must be a positive divisor of the channel count {channels}, {given}; "
+                         f"{valid_widths()}")
     hm, wm = map_shape(mode, channels, fold_width, padding)
     if hm < 1 or wm < 1:
         raise ValueError(f"fold too small for a 3x3 conv with padding={padding}: {2 * (channels // fold_width)} rows "
-                         f"x {fold_width} columns (needs >= 3 each with padding 0); lower fold_width or use padding=1")
+                         f"x {fold_width} columns (needs >= 3 each with padding 0), fold_width {given[4:]}; lower "
+                         f"fold_width or use padding=1; {valid_widths()}")
     return fold_width, padding
 
 

@@ -43,3 +43,65 @@ def test_test_command_asks_for_the_cuda_build():
     assert "--require built" in test
     main = _readme_command("main-command")
     assert "FORCE_CUDA" not in main and "TORCH_CUDA_ARCH_LIST" not in main  # the main command takes the default
+
+
+# -- item 5: converters that find nothing say so --------------------------------------------------
+
+def _plain_model(kind):
+    from torch import nn
+    if kind == "sequential":
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    torchvision = pytest.importorskip("torchvision")
+    return torchvision.models.resnet18(weights=None)  # the mix-up with add_cmpe_se
+
+
+@pytest.mark.parametrize("kind", ["sequential", "torchvision resnet18"])
+def test_convert_model_without_cmpe_se_layers_warns_naming_add_cmpe_se(kind):
+    from cmpe_se_fused.convert import convert_model, revert_model
+    model = _plain_model(kind)
+    with pytest.warns(UserWarning, match=r"no CMPE-SE layer.*add_cmpe_se") as caught:
+        out = convert_model(model)
+    assert len([w for w in caught if "add_cmpe_se" in str(w.message)]) == 1
+    assert type(model).__name__ in str(caught[0].message)
+    assert type(out) is type(model)
+    with pytest.warns(UserWarning, match=r"revert_model.*nothing was changed.*add_cmpe_se"):
+        revert_model(model)
+
+
+def test_converters_with_layers_do_not_warn():
+    import warnings
+
+    from cmpe_se_fused.convert import convert_model, revert_model
+    from cmpe_se_fused.models import preact_resnet
+    net = preact_resnet(8, se_mode="se", backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        eager = revert_model(convert_model(net, backend="reference"))
+    with pytest.warns(UserWarning, match=r"already eager"):  # nothing fused left: said, without add_cmpe_se
+        revert_model(eager)
+
+
+# -- item 6: the fold-width message ----------------------------------------------------------------
+
+def test_default_fold_width_error_says_it_is_the_default_and_lists_valid_widths():
+    from cmpe_se_fused import CMPESE
+    with pytest.raises(ValueError) as exc_info:
+        CMPESE(100)
+    msg = str(exc_info.value)
+    assert "got 16 (the default fold_width" in msg, msg
+    widths = [int(w) for w in re.search(r"nearest C/10 first: ([\d, ]+)", msg).group(1).split(", ")]
+    assert widths[0] == 10 and sorted(widths) == [4, 5, 10, 20, 25, 50], msg  # divisors with a legal 3x3 fold
+    CMPESE(100, fold_width=widths[0])  # the first one offered works
+    with pytest.raises(ValueError) as exc_info:
+        CMPESE(100, fold_width=7)
+    assert "got 7;" in str(exc_info.value) and "default" not in str(exc_info.value)
+
+
+def test_fold_width_suggestions_follow_padding_and_the_fold_size():
+    from cmpe_se_fused import CMPESE
+    with pytest.raises(ValueError, match=r"fold too small.*nearest C/10 first: 4, 8, 16$"):
+        CMPESE(32, fold_width=32)
+    with pytest.raises(ValueError, match=r"C=7 with padding=0.*padding=1"):
+        CMPESE(7)
+    with pytest.raises(ValueError, match=r"padding=1, nearest C/10 first: 1, 7"):
+        CMPESE(7, padding=1)
