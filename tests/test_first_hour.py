@@ -105,3 +105,32 @@ def test_fold_width_suggestions_follow_padding_and_the_fold_size():
         CMPESE(7)
     with pytest.raises(ValueError, match=r"padding=1, nearest C/10 first: 1, 7"):
         CMPESE(7, padding=1)
+
+
+# -- item 8: nothing the user runs prints torch's CUDA_HOME guess ------------------------------------
+
+TORCH_LOG_LINE = re.compile(r"^[WE]\d{4} \d\d:\d\d:\d\d", re.MULTILINE)  # torch's logging format
+
+
+def _user_commands(tmp_path):
+    py = sys.executable
+    bench = [py, "-m", "cmpe_se_fused.bench", "--batch", "2", "--modes", "folded_3x3", "--train", "--passes", "fwd",
+             "--providers", "eager,compile,cpu", "--no-e2e", "--no-plot", "--threads", "1", "--out", str(tmp_path)]
+    examples = [[py, str(ROOT / "examples" / name), "--help"]
+                for name in ("train_cifar.py", "plot_attention.py", "finetune_imagefolder.py")]
+    return [[py, "-m", "cmpe_se_fused.info"], [py, "-m", "cmpe_se_fused.demo"], bench, *examples]
+
+
+@pytest.mark.slow
+def test_user_commands_print_no_torch_cuda_home_warning(tmp_path):
+    """With nvcc on the machine, no GPU and CUDA_HOME unset, torch.utils.cpp_extension logs a CUDA_HOME
+    guess when imported (torch.utils.benchmark and torch.compile on CPU import it). A fresh process
+    per command, as the user runs it; the bench run includes the compile provider."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    env.setdefault("CMPE_SE_BENCH_NO_PROGRESS", "1")
+    for cmd in _user_commands(tmp_path):
+        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+        shown = " ".join(Path(c).name for c in cmd[1:4])
+        assert proc.returncode == 0, f"{shown}: rc {proc.returncode}\n{proc.stderr[-2000:]}"
+        assert "CUDA_HOME" not in proc.stderr and not TORCH_LOG_LINE.search(proc.stderr), \
+            f"{shown} printed torch's noise:\n{proc.stderr[-2000:]}"
