@@ -3,10 +3,12 @@ converters, the fold-width message, and output that says nothing about the user'
 user-facing checks run in fresh processes with stderr captured, as a user meets them."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,172 @@ def test_user_commands_print_no_torch_cuda_home_warning(tmp_path):
         assert proc.returncode == 0, f"{shown}: rc {proc.returncode}\n{proc.stderr[-2000:]}"
         assert "CUDA_HOME" not in proc.stderr and not TORCH_LOG_LINE.search(proc.stderr), \
             f"{shown} printed torch's noise:\n{proc.stderr[-2000:]}"
+
+
+# -- item 4: interleaved rounds, spread, flags, the load watched throughout ----------------------------
+
+def _row(prov, reps, other=0.0):
+    return {"kind": "layer", "provider": prov, "status": "ok", "median_us": sorted(reps)[len(reps) // 2],
+            "rep_us": list(reps), "flags": [], "spread": None, "other_load": None}
+
+
+def test_rows_are_flagged_for_busy_unstable_and_flipping_rounds():
+    from cmpe_se_fused.bench import stability
+    limit = 0.5  # 2 cores, 2 threads
+    quiet = [_row("eager", [100, 104, 101]), _row("cpu", [50, 52, 51])]
+    for r in quiet:
+        stability.finish_row(r, 0.1, limit)
+    stability.flag_flips([(r, r["rep_us"]) for r in quiet])
+    assert [r["flags"] for r in quiet] == [[], []] and quiet[0]["spread"] == pytest.approx(0.04)
+    assert stability.verdict(quiet, {"monitored": True})["statement"] is None
+    busy, unstable = _row("eager", [100, 101, 102]), _row("cpu", [50, 90, 51])
+    stability.finish_row(busy, 1.2, limit)
+    stability.finish_row(unstable, 0.0, limit)
+    assert busy["flags"] == ["busy"] and busy["other_load"] == 1.2 and unstable["flags"] == ["unstable"]
+    a, b = _row("cpu", [50, 60, 55]), _row("triton", [58, 50, 55])  # a faster, then b faster: the order flips
+    for r in (a, b):
+        stability.finish_row(r, 0.0, limit)
+    stability.flag_flips([(a, a["rep_us"]), (b, b["rep_us"])])
+    assert a["flags"] == ["flip"] and b["flags"] == ["flip"]
+    v = stability.verdict([busy, unstable, a, b, *quiet], {"monitored": True, "max_other": 2, "cores": 2,
+                                                            "threads": 2})
+    assert not v["trusted"] and v["busy"] == 1 and v["unstable"] == 1 and v["flip"] == 2
+    assert v["statement"].startswith("This run cannot be trusted: the machine was busy during 1 of 6 rows")
+    assert stability.rotated(["a", "b", "c"], 1) == ["b", "c", "a"]
+
+
+def test_providers_are_interleaved_and_repeated_within_each_row(tmp_path, monkeypatch):
+    """Every row: ``repeats`` rounds, each timing every provider once, the order rotated."""
+    torch = pytest.importorskip("torch")
+    from cmpe_se_fused.bench import runner as runner_mod
+    from cmpe_se_fused.bench.config import Preset, Shape, make_cases
+    from cmpe_se_fused.bench.runner import Options, Runner
+    calls = []
+    real = runner_mod.time_fn
+
+    def spy(fn, *a, **kw):
+        calls.append((fn.name, fn.module.backend))
+        return real(fn, *a, **kw)
+
+    monkeypatch.setattr(runner_mod, "time_fn", spy)
+    shape = Shape("tiny", "s1", 2, 32, 4, 4, 8, 2)
+    cases = make_cases([shape], ("se",), ("fp32",), ("nchw",), ("eval",))
+    opts = Options(preset=Preset("t", "t", [shape]), device=torch.device("cpu"), cases=cases, passes=("fwd",),
+                   providers=("eager", "cpu"), out=str(tmp_path), quick_timing=True, plot=False,
+                   copy_bytes=8 << 20, cpu_min_time=0.01)
+    result = Runner(opts).run()
+    order = [backend for _, backend in calls]
+    assert order == ["reference", "cpu", "cpu", "reference", "reference", "cpu"], order  # A B, B A, A B
+    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    assert len(rows) == 2 and all(len(r["rep_us"]) == 3 and r["spread"] is not None for r in rows)
+    assert all(r["median_us"] == sorted(r["rep_us"])[1] for r in rows)
+    assert result["meta"]["load"]["monitored"] and result["meta"]["load"]["samples"] > 0
+    md = (tmp_path / "bench.md").read_text()
+    assert "Load watched throughout" in md.split("## ")[0] and "\u00b1" in md
+
+
+BENCH_SMALL = ["-m", "cmpe_se_fused.bench", "--batch", "2", "--modes", "se,folded_3x3", "--passes", "fwd,bwd",
+               "--providers", "eager,cpu", "--no-e2e", "--no-plot", "--threads", "1"]
+HOG = "import time\nend = time.time() + 120\nwhile time.time() < end:\n    pass\n"
+
+
+def _bench_env():
+    return dict(os.environ, CMPE_SE_BENCH_NO_PROGRESS="1")
+
+
+def _read_run(out: Path):
+    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_quiet_run_is_not_flagged(tmp_path):
+    """Small shapes, one thread: on a machine nobody else is using, no row is flagged and bench.md
+    makes no statement. A machine busy with other work (the monitor says so) gets two more tries,
+    then the check is skipped: a busy machine cannot give a quiet run."""
+    for attempt in range(3):
+        out = tmp_path / f"quiet{attempt}"
+        proc = subprocess.run([sys.executable, *BENCH_SMALL, "--out", str(out)], env=_bench_env(), cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        data, md = _read_run(out)
+        if not data["trust"]["busy"]:
+            break
+        time.sleep(5)
+    else:
+        pytest.skip(f"the machine was busy with other work in 3 runs (load {data['meta']['load']})")
+    flagged = [(r["provider"], r["pass"], r["mode"], r["rep_us"], r["flags"]) for r in data["rows"] if r["flags"]]
+    assert not flagged, flagged
+    assert data["trust"]["statement"] is None and "cannot be trusted" not in md
+    assert "Load watched throughout" in md.split("## ")[0]
+
+
+@pytest.mark.slow
+def test_a_cpu_hog_started_halfway_is_flagged(tmp_path):
+    """Once half the run's cases are in bench.json (rewritten after every case), one busy loop per
+    core starts: every row measured after it is flagged busy, and bench.md says at the top that
+    the run cannot be trusted."""
+    out = tmp_path / "hog"
+    bench = subprocess.Popen([sys.executable, *BENCH_SMALL, "--out", str(out)], env=_bench_env(), cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    hogs, hog_at, n_cases = [], None, 2 * 2 * 2  # shapes x modes x phases
+    try:
+        deadline = time.time() + 240
+        while bench.poll() is None and time.time() < deadline:
+            try:
+                done = {(r["stage"], r["mode"], r["phase"]) for r in json.loads((out / "bench.json").read_text())
+                        ["rows"] if r["status"] == "ok"}
+            except (OSError, ValueError, KeyError):
+                done = set()
+            if len(done) >= n_cases // 2:
+                hog_at = time.time()
+                hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(os.cpu_count() or 1)]
+                break
+            time.sleep(0.05)
+        err = bench.communicate(timeout=300)[1]
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert bench.returncode == 0, err[-2000:]
+    assert hog_at is not None, "the run ended before half its cases were written"
+    data, md = _read_run(out)
+    hog_s = hog_at - data["meta"]["started_epoch"]
+    after = [r for r in data["rows"] if r["status"] == "ok" and r["at_s"] > hog_s + 0.5]
+    assert after, "no row was measured after the hog started"
+    assert all("busy" in r["flags"] for r in after), [(r["at_s"], r["other_load"], r["flags"]) for r in after]
+    assert data["trust"]["busy"] >= len(after) and not data["trust"]["trusted"]
+    assert md.split("\n")[2].startswith("**This run cannot be trusted: the machine was busy"), md[:400]
+
+
+# -- item 3: the default preset runs what the main command installed; no empty memory column on CPU ----
+
+def test_default_preset_leaves_out_rows_whose_packages_are_missing(monkeypatch, capsys):
+    from cmpe_se_fused.bench import __main__ as cli
+    from cmpe_se_fused.bench import e2e
+    from cmpe_se_fused.bench.runner import Runner
+    monkeypatch.setattr(e2e.importlib.util, "find_spec", lambda name: None)  # as after the main command
+    assert cli.main(["--list", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "e2e off" in out and "e2e rows of resnet50-tv left out: needs torchvision, timm " \
+        "(pip install 'cmpe_se_fused[vision]'); add them with --e2e" in out, out
+    opts = cli.options_from_args(cli.build_parser().parse_args(["--device", "cpu"]))
+    assert Runner(opts).e2e_plan() == []
+    asked = cli.options_from_args(cli.build_parser().parse_args(["--device", "cpu", "--e2e"]))
+    assert Runner(asked).e2e_plan() == [("resnet50-tv", (2,))]  # asked for: kept, skipped with the reason
+    monkeypatch.undo()
+    if e2e.missing_packages("resnet50-tv") is None:  # installed: the default preset runs them
+        assert Runner(opts).e2e_plan() == [("resnet50-tv", (2,))]
+
+
+def test_cpu_tables_have_no_memory_column(tmp_path):
+    from cmpe_se_fused.bench import report
+    row = {"kind": "layer", "provider": "eager", "status": "ok", "pass": "fwdbwd", "median_us": 10.0,
+           "speedup_vs_eager": 1.0, "speedup_vs_compile": None, "frac_floor": 0.5, "mem_vs_eager": None}
+    header, lines = report.summary_table([row])
+    assert "median mem vs eager" not in header and len(lines[0]) == len(header)
+    header, _ = report.summary_table([dict(row, mem_vs_eager=0.5)])  # GPU rows: measured, shown
+    assert "median mem vs eager" in header
+    e2e_row = {"kind": "e2e", "net": "n", "N": 2, "se_mode": "plain", "dtype": "fp32", "layout": "nchw",
+               "provider": "plain", "status": "ok", "median_us": 5.0, "images_per_s": 4e5, "peak_mem_mb": None}
+    header, lines = report.e2e_table([e2e_row])
+    assert "peak MB" not in header and len(lines[0]) == len(header)

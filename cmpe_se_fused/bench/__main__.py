@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flag rows more than --threshold slower than OLD.json (a bench.json)")
     p.add_argument("--threshold", type=float, default=0.10, help="regression threshold for --compare (0.10)")
     p.add_argument("--fail-on-regression", action="store_true", help="exit 3 when --compare finds regressions")
+    p.add_argument("--repeats", type=_positive_int, default=3,
+                   help="interleaved rounds per row: every provider of a row once per round, the order rotated; "
+                   "rows whose rounds disagree or whose order flips are flagged (default 3)")
     p.add_argument("--list", action="store_true", help="print the cases and providers, run nothing")
     return p
 
@@ -140,7 +143,7 @@ def options_from_args(args, argv=None) -> Options:
         quick_timing=preset.name in ("quick", "gpu", "targets"), plot=args.plot, compare=compare,
         compare_path=args.compare, threshold=args.threshold, compile_all=args.compile_all,
         argv=list(argv if argv is not None else sys.argv[1:]), as_variant=args.as_variant,
-        copy_gbps=args.copy_gbps)
+        copy_gbps=args.copy_gbps, e2e_asked=bool(args.e2e), repeats=args.repeats)
 
 
 def main(argv=None) -> int:
@@ -156,8 +159,11 @@ def main(argv=None) -> int:
         for c in opts.cases:
             print(f"{c.shape.label:16s} {c.shape.dims:18s} m={c.shape.fold_width:<3d} e={c.shape.pair_filters:<3d} "
                   f"{c.mode:11s} {c.dtype} {c.layout:4s} {c.phase}")
+        plan = Runner(opts).e2e_plan() if opts.e2e else []
         print(f"{len(opts.cases)} cases x passes {','.join(opts.passes)}; providers {','.join(opts.providers)}; "
-              f"e2e {'on' if opts.e2e else 'off'}")
+              f"e2e {'on: ' + ', '.join(n for n, _ in plan) if plan else 'off'}")
+        for net, why in Runner(opts).e2e_left_out().items():
+            print(f"e2e rows of {net} left out: {why}; add them with --e2e")
         return 0
     runner = Runner(opts)
     result = runner.run()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import preact_resnet, wide_resnet
+from . import stability
 from .config import DTYPES
 from .providers import provider_reasons
 from .timing import peak_memory_mb
@@ -53,7 +54,7 @@ def e2e_row(net, batch, se_mode, dtype, layout, provider) -> dict:
     return {"kind": "e2e", "net": net, "N": batch, "se_mode": se_mode or "plain", "dtype": dtype, "layout": layout,
             "provider": provider, "status": "skipped", "reason": None, "median_us": None, "reps": None,
             "iqr_us": None, "images_per_s": None, "overhead_vs_plain": None, "speedup_vs_eager": None,
-            "peak_mem_mb": None, "mem_vs_eager": None}
+            "peak_mem_mb": None, "mem_vs_eager": None, "rep_us": [], "spread": None, "other_load": None, "flags": []}
 
 
 def _builder(net, se_mode, provider):
@@ -81,6 +82,14 @@ def _missing(package):
     return None
 
 
+def missing_packages(net) -> str | None:
+    """What ``net``'s rows need and this environment lacks (its net and its baselines), with the
+    install command; None when nothing is missing."""
+    needed = [REQUIRES.get(net)] + [pkg for _, _, _, pkg in BASELINES.get(net, ())]
+    missing = [p for p in dict.fromkeys(needed) if p and importlib.util.find_spec(p) is None]
+    return f"needs {', '.join(missing)} (pip install 'cmpe_se_fused[vision]')" if missing else None
+
+
 def e2e_configs(net, se_modes, providers):
     """(se_mode, provider) of every row of ``net``: plain, each mode on each provider, baselines."""
     return [(None, "plain")] + [(m, p) for m in se_modes for p in providers] + \
@@ -100,6 +109,10 @@ def _step_fn(model, data, target, dtype, device):
     return step
 
 
+#: CPU: seconds of steps in one round of an e2e row (rounds: bench.stability)
+CPU_ROUND_S = 0.7
+
+
 def _time_steps(step, device, warmup, reps):
     for _ in range(warmup):
         step()
@@ -116,7 +129,7 @@ def _time_steps(step, device, warmup, reps):
     else:
         t0 = time.perf_counter()
         step()
-        reps = int(min(10, max(reps, 2.0 / max(time.perf_counter() - t0, 1e-3))))  # ~2 s of steps, 3..10
+        reps = int(min(10, max(reps, CPU_ROUND_S / max(time.perf_counter() - t0, 1e-3))))  # a round: ~0.7 s
         for _ in range(reps):
             t0 = time.perf_counter()
             step()
@@ -124,35 +137,39 @@ def _time_steps(step, device, warmup, reps):
     return statistics.median(times), reps
 
 
-def run_e2e(nets, se_modes, dtypes, layouts, providers, device, batch, on_row, should_skip=None):
+def run_e2e(nets, se_modes, dtypes, layouts, providers, device, batch, on_row, should_skip=None, monitor=None,
+            repeats=stability.REPEATS):
     """Yield-free driver: calls ``on_row(row)`` for every (net, batch, dtype, layout, config) of
     :func:`e2e_configs`. ``batch``: an int or a sequence of batches. ``should_skip()`` returns a
-    reason to stop early (time budget)."""
-    warmup, reps = (3, 10) if device.type == "cuda" else (1, 3)
+    reason to stop early (time budget). The configs of one (net, batch, dtype, layout) are timed
+    in ``repeats`` interleaved rounds (bench.stability), the load read from ``monitor``."""
+    warmup, reps = (3, max(1, -(-10 // repeats))) if device.type == "cuda" else (1, 1)
     batches = (batch,) if isinstance(batch, int) else tuple(batch)
     for net in nets:
         side = IMAGE_SIZE.get(net, {}).get(device.type, 32)
         for n in batches:
             for dtype in dtypes:
                 for layout in layouts:
-                    _run_configs(net, n, side, dtype, layout, se_modes, providers, device, (warmup, reps), on_row,
-                                 should_skip)
+                    _run_configs(net, n, side, dtype, layout, se_modes, providers, device, (warmup, reps, repeats),
+                                 on_row, should_skip, monitor)
 
 
-def _run_configs(net, batch, side, dtype, layout, se_modes, providers, device, timing, on_row, should_skip):
+def _run_configs(net, batch, side, dtype, layout, se_modes, providers, device, timing, on_row, should_skip,
+                 monitor=None):
+    """Build every config of one (net, batch, dtype, layout), then time them in interleaved rounds;
+    the rows go to ``on_row`` in config order once all rounds are done."""
     sample = torch.empty(1, 16, 1, 1, device=device, dtype=DTYPES[dtype])
     baseline_provs = {prov for _, prov, _, _ in BASELINES.get(net, ())}
-    states = {}
+    states, rows, live = {}, [], []
     for se_mode, provider in e2e_configs(net, se_modes, providers):
         row = e2e_row(net, batch, se_mode, dtype, layout, provider)
+        rows.append(row)
         reasons = [] if provider == "plain" or provider in baseline_provs else provider_reasons(provider, sample)
         missing = _missing(_builder(net, se_mode, provider)[2])
         why = should_skip() if should_skip else None
         if reasons or why or missing:
             row["reason"] = why or missing or "; ".join(reasons)
-            on_row(row)
             continue
-        model = step = data = target = None
         try:
             model = _build(net, se_mode, provider, device, layout, states.get(se_mode))
             states.setdefault(se_mode, {k: v.detach().cpu() for k, v in model.state_dict().items()})
@@ -162,13 +179,42 @@ def _run_configs(net, batch, side, dtype, layout, se_modes, providers, device, t
             step = _step_fn(model, data, target, dtype, device)
             step()  # optimizer state allocated before the memory baseline
             row["peak_mem_mb"] = peak_memory_mb(step, device)
-            t, n = _time_steps(step, device, *timing)
-            row.update(status="ok", median_us=float(t), reps=n, images_per_s=batch / (t * 1e-6))
+            live.append((row, step))
         except Exception as exc:  # noqa: BLE001 - one broken config must not end the run
-            row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
-        finally:
-            model = step = data = target = None
+            _error(row, exc)
+    _rounds(live, device, timing, monitor)
+    live.clear()
+    for row in rows:
         on_row(row)
+
+
+def _error(row, exc):
+    row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+
+
+def _rounds(live, device, timing, monitor):
+    """``repeats`` rounds over the live configs, order rotated per round; then spread, load, flags."""
+    warmup, reps, repeats = timing
+    windows, times = {id(r): [] for r, _ in live}, {id(r): [] for r, _ in live}
+    for k in range(repeats):
+        for row, step in stability.rotated(live, k):
+            if row["status"] == "error":
+                continue
+            try:
+                t0 = time.perf_counter()
+                t, n = _time_steps(step, device, warmup if k == 0 else 1, reps)
+                windows[id(row)].append((t0, time.perf_counter()))
+                times[id(row)].append(float(t))
+                stability.record(row, t)
+                row.update(status="ok", reps=(row["reps"] or 0) + int(n))
+            except Exception as exc:  # noqa: BLE001
+                _error(row, exc)
+    ok = [(row, times[id(row)]) for row, _ in live if row["status"] == "ok"]
+    for row, _ in ok:
+        other = monitor.other_in(windows[id(row)]) if monitor is not None else None
+        stability.finish_row(row, other, monitor.limit if monitor is not None else float("inf"))
+        row["images_per_s"] = row["N"] / (row["median_us"] * 1e-6)
+    stability.flag_flips(ok)
 
 
 def derive_e2e(rows: list[dict]):

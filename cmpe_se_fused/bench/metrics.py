@@ -37,6 +37,9 @@ LAYER_SCHEMA = {
     "graph_us": (float, type(None)), "graph_frac_floor": (float, type(None)), "graph_note": (str, type(None)),
     "err_vs_eager": (float, type(None)),
     "check": (str, type(None)), "speedup_vs_default": (float, type(None)),
+    # bench.stability: the rounds, their spread, the other processes' load, the flags
+    "rep_us": (list,), "spread": (float, type(None)), "other_load": (float, type(None)), "flags": (list,),
+    "at_s": (float, type(None)),
 }
 E2E_SCHEMA = {"se_mode": (str,), "images_per_s": (float, type(None)), "overhead_vs_plain": (float, type(None))}
 STATUSES = ("ok", "skipped", "error")
@@ -71,7 +74,8 @@ def layer_row(case, pass_: str, provider: str, copy_gbps: float) -> dict:
             "GBps": None, "speedup_vs_eager": None, "speedup_vs_compile": None, "compile_baseline": None,
             "graph_us": None, "graph_frac_floor": None, "graph_note": None, "peak_mem_mb": None,
             "mem_vs_eager": None,
-            "err_vs_eager": None, "check": None, "speedup_vs_default": None}
+            "err_vs_eager": None, "check": None, "speedup_vs_default": None,
+            "rep_us": [], "spread": None, "other_load": None, "flags": [], "at_s": None}
 
 
 def row_key(row: dict) -> str:

@@ -41,12 +41,22 @@ def providers_of(rows, kind="layer") -> list[str]:
     return sorted(seen, key=lambda p: (p != BASELINE, p != "plain", not p.startswith("compile"), p))
 
 
+def fmt_spread(r) -> str | None:
+    """``+-N%``: half the range of the row's rounds over their median (None: one round)."""
+    reps = r.get("rep_us") or []
+    if len(reps) < 2 or not r.get("median_us"):
+        return None
+    return f"\u00b1{50 * (max(reps) - min(reps)) / r['median_us']:.0f}%"
+
+
 def _cell(r) -> str:
     if r is None:
         return ""
     if r["status"] != "ok":
         return "skip" if r["status"] == "skipped" else "ERROR"
     parts = [fmt_us(r["median_us"])]
+    if fmt_spread(r):
+        parts.append(fmt_spread(r))
     if r.get("graph_us") is not None:
         parts.append(f"(graph {fmt_us(r['graph_us'])})")
     if r["provider"] != BASELINE:
@@ -54,6 +64,8 @@ def _cell(r) -> str:
     parts.append(fmt_pct(r.get("frac_floor")))
     if r.get("err_vs_eager") is not None and r.get("check") == "MISMATCH":
         parts.append("MISMATCH")
+    if r.get("flags"):
+        parts.append("[" + ",".join(r["flags"]) + "]")
     return " ".join(parts)
 
 
@@ -86,26 +98,34 @@ def _group_order(cells):
 
 
 def e2e_table(rows) -> tuple[list[str], list[list[str]]]:
-    header = ["net", "N", "se_mode", "dtype", "layout", "provider", "step", "img/s", "vs plain", "vs eager", "peak MB"]
+    """One line per e2e row; the peak-memory column only where memory was measured (GPU)."""
+    e2e = [r for r in rows if r["kind"] == "e2e" and r["status"] != "skipped"]
+    with_mem = any(r.get("peak_mem_mb") is not None for r in e2e)
+    header = ["net", "N", "se_mode", "dtype", "layout", "provider", "step", "img/s", "vs plain", "vs eager"]
+    header += ["peak MB"] if with_mem else []
     lines = []
-    for r in rows:
-        if r["kind"] != "e2e" or r["status"] == "skipped":
-            continue
+    for r in e2e:
         ok = r["status"] == "ok"
-        lines.append([r["net"], str(r["N"]), r["se_mode"], r["dtype"], r["layout"], r["provider"],
-                      fmt_us(r["median_us"]) if ok else "ERROR",
+        step = fmt_us(r["median_us"]) if ok else "ERROR"
+        if ok and fmt_spread(r):
+            step += " " + fmt_spread(r)
+        if ok and r.get("flags"):
+            step += " [" + ",".join(r["flags"]) + "]"
+        lines.append([r["net"], str(r["N"]), r["se_mode"], r["dtype"], r["layout"], r["provider"], step,
                       f"{r['images_per_s']:.0f}" if ok else "-",
                       "-" if r.get("overhead_vs_plain") is None else f"{100 * r['overhead_vs_plain']:+.1f}%",
-                      fmt_x(r.get("speedup_vs_eager")),
-                      "-" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"])
+                      fmt_x(r.get("speedup_vs_eager"))]
+                     + (["-" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"] if with_mem else []))
     return header, lines
 
 
 def summary_table(rows) -> tuple[list[str], list[list[str]]]:
-    """Per provider and pass: geomean speedups, median fraction of floor, rows measured."""
-    header = ["provider", "pass", "rows", "geomean vs eager", "geomean vs compile", "median % floor",
-              "best % floor", "median mem vs eager"]
+    """Per provider and pass: geomean speedups, median fraction of floor, rows measured and rows
+    flagged (bench.stability). The memory column only where memory was measured (GPU)."""
     layer = [r for r in rows if r["kind"] == "layer" and r["status"] == "ok"]
+    with_mem = any(r.get("mem_vs_eager") is not None for r in layer)
+    header = ["provider", "pass", "rows", "flagged", "geomean vs eager", "geomean vs compile", "median % floor",
+              "best % floor"] + (["median mem vs eager"] if with_mem else [])
     lines = []
     for p in providers_of(layer):
         for ps in FLOOR_T:
@@ -113,11 +133,24 @@ def summary_table(rows) -> tuple[list[str], list[list[str]]]:
             if not sel:
                 continue
             fr = [r["frac_floor"] for r in sel if r["frac_floor"] is not None]
-            lines.append([p, ps, str(len(sel)), fmt_x(geomean(r["speedup_vs_eager"] for r in sel)),
+            lines.append([p, ps, str(len(sel)), str(sum(bool(r.get("flags")) for r in sel)),
+                          fmt_x(geomean(r["speedup_vs_eager"] for r in sel)),
                           fmt_x(geomean(r["speedup_vs_compile"] for r in sel)), fmt_pct(median(fr)),
-                          fmt_pct(max(fr) if fr else None),
-                          fmt_x(median(r["mem_vs_eager"] for r in sel))])
+                          fmt_pct(max(fr) if fr else None)]
+                         + ([fmt_x(median(r["mem_vs_eager"] for r in sel))] if with_mem else []))
     return header, lines
+
+
+def trust_lines(result) -> list[str]:
+    """The run's trust statement and how the load was watched: the first thing bench.md says."""
+    trust, load = result.get("trust") or {}, result["meta"].get("load") or {}
+    out = [f"**{trust['statement']}**"] if trust.get("statement") else []
+    if load.get("monitored"):
+        out.append(f"Load watched throughout ({load['samples']} samples): other runnable tasks mean "
+                   f"{load['mean_other']}, max {load['max_other']} on {load['cores']} cores with "
+                   f"{load['threads']} bench threads; rows with more than {load['limit']} on average are "
+                   f"flagged busy. Each row: {result['meta'].get('repeats')} interleaved rounds.")
+    return out
 
 
 def variants_table(rows) -> tuple[list[str], list[list[str]]]:
@@ -162,10 +195,14 @@ def _header_text(result) -> list[str]:
 
 
 def write_markdown(result, path):
-    parts = ["# cmpe_se_fused benchmark", "", *[f"- {t}" for t in _header_text(result)], "",
-             ("Cells: median time, CUDA-graph replay time per call where measured, speedup over eager "
-              "(same run), fraction of the bandwidth floor (fwd 3T, bwd 4T, fwd+bwd 7T at the measured copy "
-              "bandwidth). `floor` is that time."), ""]
+    trust = trust_lines(result)
+    parts = ["# cmpe_se_fused benchmark", "", *[t + "\n" for t in trust],
+             *[f"- {t}" for t in _header_text(result)], "",
+             ("Cells: median time over the row's rounds, \u00b1 half their range, CUDA-graph replay time per "
+              "call where measured, speedup over eager (same run), fraction of the bandwidth floor (fwd 3T, "
+              "bwd 4T, fwd+bwd 7T at the measured copy bandwidth), flags: [busy] the machine was busy, "
+              "[unstable] the rounds disagree, [flip] the order against another provider flips between "
+              "rounds. `floor` is that time."), ""]
     h, lines = summary_table(result["rows"])
     if lines:
         parts += ["## Summary", "", markdown_table(h, lines), ""]
@@ -226,8 +263,8 @@ def print_console(result, file=None):
         Console = None
     if Console is not None:
         console = Console(file=file, width=max(160, Console().width))
-        for line in _header_text(result):
-            console.print(line, highlight=False)
+        for line in trust_lines(result) + _header_text(result):
+            console.print(line, highlight=False, markup=False)
         for title, (h, lines) in tables:
             if not lines:
                 continue
@@ -238,7 +275,7 @@ def print_console(result, file=None):
                 t.add_row(*line)
             console.print(t)
     else:
-        for line in _header_text(result):
+        for line in trust_lines(result) + _header_text(result):
             print(line, file=file)
         for title, (h, lines) in tables:
             if lines:

@@ -4,7 +4,7 @@ streams 3T bytes must not be timed on data left in cache by the previous call.
 
 * GPU: ``triton.testing.do_bench``-style medians (a CUDA event pair around every call, warm-up
   first); for microsecond kernels also CUDA-graph replays, which remove the launch overhead.
-* CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` medians, on every intra-op thread.
+* CPU: medians of calibrated blocks of calls (``blocked_autorange``-style), on every intra-op thread.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import glob
 import itertools
 import math
 import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -122,26 +123,38 @@ def time_cuda_graph(fn, n_copies: int, prepare=None, replays: int = 20) -> Timin
         torch.cuda.synchronize()
 
 
-def time_cpu(fn, n_copies: int, min_run_time: float = 0.2) -> Timing:
-    """``blocked_autorange`` median (microseconds) on all intra-op threads."""
-    from torch.utils import benchmark
-
+def time_cpu(fn, n_copies: int, min_run_time: float = 0.2, block_s: float = 2e-3) -> Timing:
+    """Median per-call time (microseconds) of blocks of calls on all intra-op threads, in the
+    manner of ``torch.utils.benchmark``'s ``blocked_autorange``: the calls per block are calibrated
+    (doubling, which also warms up) until a block takes ``block_s``, then blocks run until
+    ``min_run_time`` has passed and at least 3 were timed. Its own loop, not torch's Timer: that
+    one re-calibrates on every call (costly in interleaved rounds), and importing
+    ``torch.utils.benchmark`` logs torch's CUDA_HOME guess on machines with nvcc and no GPU."""
     counter = itertools.count()
 
-    def call():
-        fn(next(counter) % n_copies)
+    def block(number):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn(next(counter) % n_copies)
+        return time.perf_counter() - t0
 
-    call()
-    timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    times = [t * 1e6 for t in m.times]
-    return Timing(m.median * 1e6, len(m.times) * m.number_per_run, _iqr(times))
+    block(1)
+    number = 1
+    while (dt := block(number)) < block_s and number < (1 << 20):
+        number = max(2 * number, int(number * block_s / max(dt, 1e-9)))
+    times, start = [], time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < min_run_time:
+        times.append(block(number) / number * 1e6)
+    return Timing(statistics.median(times), len(times) * number, _iqr(times))
 
 
-def time_fn(fn, n_copies: int, device: torch.device, quick: bool = False, cpu_min_time: float | None = None) -> Timing:
+def time_fn(fn, n_copies: int, device: torch.device, quick: bool = False, cpu_min_time: float | None = None,
+            share: float = 1.0) -> Timing:
+    """One timing of ``fn``; ``share`` of the usual repetition time (a row's round: the runner times
+    every provider in several interleaved rounds, which together take the usual time)."""
     if device.type == "cuda":
-        return time_cuda(fn, n_copies, warmup_ms=5.0 if quick else 10.0, rep_ms=20.0 if quick else 40.0)
-    return time_cpu(fn, n_copies, min_run_time=cpu_min_time or (0.1 if quick else 0.3))
+        return time_cuda(fn, n_copies, warmup_ms=5.0 if quick else 10.0, rep_ms=(20.0 if quick else 40.0) * share)
+    return time_cpu(fn, n_copies, min_run_time=(cpu_min_time or (0.1 if quick else 0.3)) * share)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
