@@ -119,7 +119,8 @@ def _preset_table() -> dict:
     presets = [
         Preset("quick", "about a minute on a 2-core CPU: ResNet-164 stage 1 and WRN-28-10 stage 3 at N=16, "
                "fp32 NCHW; torch.compile only on folded_3x3 in train mode; end-to-end rows of torchvision ResNet-50 "
-               "(+ folded_3x3 CMPE-SE, timm seresnet50) at N=2", quick_shapes, layouts=("nchw",),
+               "(+ folded_3x3 CMPE-SE, timm seresnet50) at N=2 when torchvision and timm are installed (pip install "
+               "'cmpe_se_fused[vision]'), else left out", quick_shapes, layouts=("nchw",),
                dtypes={"cpu": ("fp32",), "cuda": ("fp32",)},
                limits={"compile": {"phase": ("train",), "mode": ("folded_3x3",)},
                        "compile-max": {"phase": ("train",), "mode": ("folded_3x3",)}},
