@@ -8,19 +8,16 @@ after every case, so even a killed run leaves its rows behind.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from . import envinfo, metrics, report, stability
+from . import children, envinfo, metrics, report, stability
 from .config import DTYPES, Case, Preset, limit_reason
+from .console import Progress, _log
 from .e2e import NETS, derive_e2e, e2e_configs, missing_packages, run_e2e
 from .providers import (
     COMPILE_PROVIDERS,
@@ -34,7 +31,7 @@ from .providers import (
     reference_module,
 )
 from .timing import copy_bandwidth, peak_memory_mb, rotation_copies, synchronize, time_cuda_graph, time_fn
-from .variants import VARIANTS, is_env_variant
+from .variants import is_env_variant
 
 PHASE_DEADLINE = {"core": 0.55, "e2e": 0.65, "compile": 0.85, "variants": 0.95, "compile-max": 1.0}
 #: seconds a phase's next item may need (a compile, an autotune): it is not started closer to the deadline
@@ -76,43 +73,6 @@ class Stop(BaseException):
     """SIGTERM (``timeout``): finish the outputs with what was measured. A BaseException, like
     KeyboardInterrupt, so the ``except Exception`` that turns a failing provider into an error row
     does not swallow it."""
-
-
-class Progress:
-    """rich progress bar, else tqdm, else nothing (the phase lines still print)."""
-
-    def __init__(self, total: int):
-        self._rich = self._tqdm = None
-        if not sys.stderr.isatty() or os.environ.get("CMPE_SE_BENCH_NO_PROGRESS"):
-            return
-        try:
-            from rich.console import Console
-            from rich.progress import Progress as RichProgress
-            self._rich = RichProgress(transient=True, console=Console(stderr=True))
-            self._task = self._rich.add_task("bench", total=total)
-            self._rich.start()
-        except ImportError:
-            try:
-                from tqdm import tqdm
-                self._tqdm = tqdm(total=total, leave=False)
-            except ImportError:
-                pass
-        if self._rich is not None or self._tqdm is not None:
-            _ACTIVE[:] = [self]
-
-    def advance(self, desc: str):
-        if self._rich is not None:
-            self._rich.update(self._task, advance=1, description=desc[:60])
-        elif self._tqdm is not None:
-            self._tqdm.set_description(desc[:60], refresh=False)
-            self._tqdm.update(1)
-
-    def close(self):
-        _ACTIVE.clear()
-        if self._rich is not None:
-            self._rich.stop()
-        elif self._tqdm is not None:
-            self._tqdm.close()
 
 
 class Runner:
@@ -392,39 +352,8 @@ class Runner:
                     self.write(partial=True)
 
     def run_env_variant(self, prov: str, phase: str, progress: Progress):
-        """Time ``prov`` (a ``cuda@...`` variant) in a child process with its environment; merge
-        its rows, floors recomputed at this run's copy bandwidth."""
-        o = self.o
-        c0 = o.cases[0].shape if o.cases else None
-        sample = torch.empty((1, c0.c if c0 else 1, 1, 1), device=o.device)
-        why = "; ".join(provider_reasons(prov, sample)) or self.budget_reason(phase)
-        rows = []
-        if not why:
-            left = None if self.deadline(phase) is None else max(5.0, self.deadline(phase) - self.elapsed())
-            with tempfile.TemporaryDirectory() as tmp:
-                argv = [*o.argv, "--providers", prov.partition("@")[0], "--as-variant", prov, "--out", tmp, "--no-e2e",
-                        "--no-plot", "--compare=", "--copy-gbps", repr(self.gbps)]
-                if left is not None:
-                    argv += ["--budget-s", f"{left:.0f}"]
-                env = dict(os.environ, CMPE_SE_BENCH_NO_PROGRESS="1", **VARIANTS[prov])
-                _log(f"[bench] {prov}: child process with {VARIANTS[prov]}")
-                try:
-                    res = subprocess.run([sys.executable, "-m", "cmpe_se_fused.bench", *argv], env=env, check=False,
-                                         capture_output=True, text=True, timeout=None if left is None else left + 60)
-                    with open(os.path.join(tmp, "bench.json")) as f:
-                        rows = [r for r in json.load(f)["rows"] if r["provider"] == prov]
-                    if not rows:
-                        why = f"child process wrote no rows (rc {res.returncode}): {res.stderr.strip()[-300:]}"
-                except (OSError, ValueError, subprocess.SubprocessError) as exc:
-                    why = f"child process failed: {_exc_text(exc)}"
-        for r in rows:
-            r["floor_us"] = r["floor_bytes"] / (self.gbps * 1e3)
-            r["two_pass_floor_us"] = r["two_pass_bytes"] / (self.gbps * 1e3)
-        if why:
-            rows = [dict(metrics.layer_row(c, ps, prov, self.gbps), reason=why) for c in o.cases for ps in o.passes]
-        self.rows.extend(rows)
-        for _ in o.cases:
-            progress.advance(f"{prov} (child process)")
+        """Time ``prov`` (a ``cuda@...`` variant) in a child process with its environment (bench.children)."""
+        children.run_env_variant(self, prov, phase, progress)
 
     def finish(self) -> dict:
         if self.o.as_variant:
@@ -477,15 +406,3 @@ def _raise_stop(signum, frame):
 def _exc_text(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
-
-
-_ACTIVE: list = []  # the live progress bar, if any: log lines go above it
-
-
-def _log(msg: str):
-    if _ACTIVE and _ACTIVE[0]._rich is not None:
-        _ACTIVE[0]._rich.console.print(msg, highlight=False, markup=False)
-    elif _ACTIVE and _ACTIVE[0]._tqdm is not None:
-        _ACTIVE[0]._tqdm.write(msg, file=sys.stderr)
-    else:
-        print(msg, file=sys.stderr, flush=True)
