@@ -126,11 +126,12 @@ def _time_steps(step, device, warmup, reps):
             e.record()
         torch.cuda.synchronize()
         times = [s.elapsed_time(e) * 1e3 for s, e in evs]
-    else:
+    else:  # the first step sizes the round (~0.7 s of steps, up to 10) and counts as one of them
         t0 = time.perf_counter()
         step()
-        reps = int(min(10, max(reps, CPU_ROUND_S / max(time.perf_counter() - t0, 1e-3))))  # a round: ~0.7 s
-        for _ in range(reps):
+        times.append((time.perf_counter() - t0) * 1e6)
+        reps = int(min(10, max(reps, CPU_ROUND_S / max(times[0] * 1e-6, 1e-3))))
+        for _ in range(reps - 1):
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1e6)
@@ -202,7 +203,8 @@ def _rounds(live, device, timing, monitor):
                 continue
             try:
                 t0 = time.perf_counter()
-                t, n = _time_steps(step, device, warmup if k == 0 else 1, reps)
+                # warm-up before the first round; later rounds only on GPU (one step: cheap there)
+                t, n = _time_steps(step, device, warmup if k == 0 else int(device.type == "cuda"), reps)
                 windows[id(row)].append((t0, time.perf_counter()))
                 times[id(row)].append(float(t))
                 stability.record(row, t)

@@ -264,7 +264,7 @@ def print_console(result, file=None):
     if Console is not None:
         console = Console(file=file, width=max(160, Console().width))
         for line in trust_lines(result) + _header_text(result):
-            console.print(line, highlight=False, markup=False)
+            console.print(line.strip("*"), highlight=False, markup=False)
         for title, (h, lines) in tables:
             if not lines:
                 continue
@@ -276,7 +276,7 @@ def print_console(result, file=None):
             console.print(t)
     else:
         for line in trust_lines(result) + _header_text(result):
-            print(line, file=file)
+            print(line.strip("*"), file=file)
         for title, (h, lines) in tables:
             if lines:
                 print(f"\n{title}", file=file)
