@@ -112,7 +112,7 @@ def e2e_table(rows) -> tuple[list[str], list[list[str]]]:
         if ok and r.get("flags"):
             step += " [" + ",".join(r["flags"]) + "]"
         lines.append([r["net"], str(r["N"]), r["se_mode"], r["dtype"], r["layout"], r["provider"], step,
-                      f"{r['images_per_s']:.0f}" if ok else "-",
+                      f"{r['images_per_s']:.3g}" if ok else "-",
                       "-" if r.get("overhead_vs_plain") is None else f"{100 * r['overhead_vs_plain']:+.1f}%",
                       fmt_x(r.get("speedup_vs_eager"))]
                      + (["-" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"] if with_mem else []))
