@@ -57,3 +57,17 @@ def test_command_prints_the_graph_and_fails_on_a_cycle(tmp_path):
     assert bad.returncode == 1 and "cycle: pkg.a -> pkg.b -> pkg.a" in bad.stdout, bad.stdout + bad.stderr
     good = subprocess.run([sys.executable, tool, "--cycles"], capture_output=True, text=True)
     assert good.returncode == 0 and good.stdout.strip() == "no cycle", good.stdout + good.stderr
+
+
+def test_public_names_stay_where_users_import_them():
+    """The layer-swapping helpers live in layer_swap.py; users import them from convert (and the sync
+    layers from distributed), the same objects."""
+    import cmpe_se_fused
+    from cmpe_se_fused import convert, distributed, layer_swap
+
+    for mod in (convert, distributed, cmpe_se_fused):
+        missing = [name for name in mod.__all__ if not hasattr(mod, name)]
+        assert not missing, f"{mod.__name__} lacks {missing}"
+    for name in layer_swap.__all__:
+        assert name in convert.__all__ and getattr(convert, name) is getattr(layer_swap, name)
+    assert cmpe_se_fused.SyncCMPESE is distributed.SyncCMPESE
