@@ -35,9 +35,9 @@ import torch.distributed as dist
 from torch import nn
 
 from . import reference
-from .convert import _adopt, _plain_bn, _swap, is_cmpe_se_layer, layer_config
 from .dispatch import choose
 from .functional import validate
+from .layer_swap import _adopt, _plain_bn, _swap, is_cmpe_se_layer, layer_config
 from .modules import CMPESE
 from .reference import PAIR_MODES, acc_dtype
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .convert import is_cmpe_se_layer
+from .layer_swap import is_cmpe_se_layer
 from .reference import PAIR_MODES
 
 __all__ = [

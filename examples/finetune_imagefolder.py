@@ -22,19 +22,14 @@ Needs torchvision (and timm for ``timm:`` models): ``pip install 'cmpe_se_fused[
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_cifar import progress, reduce_sums, setup_distributed  # noqa: E402 - shared example helpers
+import training_loop as loop  # noqa: E402 - the training loop, shared with train_cifar.py
 
 from cmpe_se_fused.convert import add_cmpe_se  # noqa: E402
 
@@ -63,16 +58,7 @@ def parse_args(argv=None):
     a("--momentum", type=float, default=0.9)
     a("--wd", type=float, default=1e-4)
     a("--label-smoothing", type=float, default=0.1)
-    a("--steps-per-epoch", type=int, default=0, help="cut epochs short (smoke runs); also caps evaluation")
-    a("--amp", choices=("bf16", "fp16"), help="autocast dtype (fp16 uses a GradScaler)")
-    a("--channels-last", action="store_true")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--workers", type=int, default=4)
-    a("--seed", type=int, default=0)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--out", default="runs/finetune", help="checkpoint, CSV log and curves go here")
-    a("--resume", help="checkpoint to resume from ('auto': OUT/last.pt if it exists)")
-    a("--no-progress", action="store_true")
+    loop.add_run_options(p, workers=4, out="runs/finetune")
     return p.parse_args(argv)
 
 
@@ -164,115 +150,22 @@ def prepare_model(args, config, device, world, log):
     core = build_model(config)
     if args.pretrained:
         load_plain_checkpoint(core, args.pretrained, log)
-    core = core.to(device)
-    if args.channels_last:
-        core = core.to(memory_format=torch.channels_last)
-    model = core
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
-    if args.compile:
-        model = torch.compile(model)
-    return core, model
+    return loop.wrap_model(args, core.to(device), device, world)
 
 
 # ------------------------------------------------------------------------------------------------
-# train / evaluate / log
+# train / evaluate / log (the loop itself: training_loop.py)
 # ------------------------------------------------------------------------------------------------
-
-def run_epoch(model, loader, ctx, train, opt=None, scaler=None, desc=""):
-    """One pass; returns (loss sum, correct, count) of this rank."""
-    model.train(train)
-    loss_sum = correct = count = 0.0
-    steps = len(loader) if not ctx["steps"] else min(ctx["steps"], len(loader))
-    with torch.set_grad_enabled(train):
-        for step, (x, y) in enumerate(progress(loader, steps, desc, ctx["show"])):
-            if step >= steps:
-                break
-            x, y = x.to(ctx["device"], non_blocking=True), y.to(ctx["device"], non_blocking=True)
-            if ctx["channels_last"]:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(ctx["device"].type, dtype=ctx["amp"], enabled=ctx["amp"] is not None):
-                out = model(x)
-                loss = F.cross_entropy(out.float(), y, label_smoothing=ctx["smoothing"] if train else 0.0)
-            if train:
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            loss_sum += loss.item() * x.shape[0]
-            correct += (out.argmax(1) == y).float().sum().item()
-            count += x.shape[0]
-    return loss_sum, correct, count
-
-
-def write_log(out: Path, history):
-    with open(out / "log.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(history)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    ep = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for split in ("train", "val"):
-        pts = [(e, r[f"{split}_loss"], r[f"{split}_acc"]) for e, r in zip(ep, history) if r[f"{split}_loss"] != ""]
-        if pts:
-            ax1.plot([p[0] for p in pts], [p[1] for p in pts], label=split)
-            ax2.plot([p[0] for p in pts], [100 * (1 - p[2]) for p in pts], label=split)
-    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax2.set(xlabel="epoch", ylabel="error (%)", title="top-1 error")
-    for ax in (ax1, ax2):
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
-
 
 def make_loaders(args, train_set, val_set, rank, world):
+    # drop the last partial batch only where a whole global batch exists (a tiny dataset still trains)
     per_rank = max(1, args.batch_size // world)
-    if world > 1:
-        train_sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
-        val_sampler = DistributedSampler(val_set, world, rank, shuffle=False) if val_set is not None else None
-    else:
-        train_sampler = RandomSampler(train_set)
-        val_sampler = SequentialSampler(val_set) if val_set is not None else None
-    kw = dict(num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
-              persistent_workers=args.workers > 0)
-    train = DataLoader(train_set, per_rank, sampler=train_sampler, drop_last=len(train_set) >= per_rank * world, **kw)
-    val = DataLoader(val_set, per_rank, sampler=val_sampler, **kw) if val_set is not None else None
-    return train, val, train_sampler
-
-
-def resume_from(args, out, core, opt, sched, scaler, device):
-    path = str(out / "last.pt") if args.resume == "auto" and (out / "last.pt").exists() else args.resume
-    if not path or path == "auto":
-        return [], 0
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    core.load_state_dict(ckpt["model"], strict=True)
-    opt.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    return ckpt["history"], ckpt["epoch"]
-
-
-def save(out, core, opt, sched, scaler, history, config, args):
-    ckpt = dict(model=core.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                scaler=scaler.state_dict(), epoch=history[-1]["epoch"], history=history, config=config,
-                args=vars(args))
-    torch.save(ckpt, out / "last.pt.tmp")
-    os.replace(out / "last.pt.tmp", out / "last.pt")  # never a half-written checkpoint
-    write_log(out, history)
+    return loop.loaders(args, train_set, val_set, rank, world, drop_last=len(train_set) >= per_rank * world)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args)
+    rank, world, device = loop.setup_distributed(args)
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     train_set, val_set = make_datasets(args)
     config = model_config(args, len(train_set.classes), train_set.classes)
@@ -283,33 +176,26 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.epochs))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     out = Path(args.out)
-    history, start = resume_from(args, out, core, opt, sched, scaler, device)
+    history, start = loop.resume_from(args, out, core, opt, sched, scaler, device)
     train_loader, val_loader, sampler = make_loaders(args, train_set, val_set, rank, world)
-    ctx = dict(device=device, steps=args.steps_per_epoch, show=rank == 0 and not args.no_progress,
-               channels_last=args.channels_last, amp={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp),
-               smoothing=args.label_smoothing)
+    ctx = loop.run_context(args, device, rank, smoothing=args.label_smoothing)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         log(f"{args.model} se_mode={args.se_mode} backend={args.backend}: "
             f"{sum(p.numel() for p in core.parameters()) / 1e6:.3f}M parameters; {len(train_set.classes)} classes, "
             f"{len(train_set)} training images; {world} process(es), device {device}")
     for epoch in range(start, args.epochs):
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        lr = opt.param_groups[0]["lr"]
-        t0 = time.perf_counter()
-        tr = reduce_sums(run_epoch(model, train_loader, ctx, True, opt, scaler, f"epoch {epoch + 1}"), device, world)
-        elapsed = time.perf_counter() - t0
+        lr, tr, elapsed = loop.train_epoch(model, train_loader, sampler, epoch, ctx, opt, scaler, world)
         sched.step()
         row = dict(epoch=epoch + 1, lr=lr, train_loss=tr[0] / tr[2], train_acc=tr[1] / tr[2], val_loss="",
                    val_acc="", epoch_time_s=round(elapsed, 3), images_per_s=round(tr[2] / elapsed, 1))
         if val_loader is not None:
-            va = reduce_sums(run_epoch(model, val_loader, ctx, False, desc="val"), device, world)
+            va = loop.reduce_sums(loop.run_epoch(model, val_loader, ctx, False, desc="val"), device, world)
             row.update(val_loss=va[0] / va[2], val_acc=va[1] / va[2])
         history.append(row)
         if rank == 0:
-            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            save(out, core, opt, sched, scaler, history, config, args)
+            log(loop.format_row(row))
+            loop.save(out, core, opt, sched, scaler, history, config, args, FIELDS, ("train", "val"))
     if world > 1:
         dist.destroy_process_group()
     return history

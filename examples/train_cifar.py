@@ -15,23 +15,23 @@ per-channel normalisation, done on the device on whole batches (no torchvision n
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import pickle
 import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import TensorDataset
 
-from cmpe_se_fused.dispatch import BACKEND_NAMES
-from cmpe_se_fused.distributed import convert_sync_batchnorm, convert_sync_cmpe_se
-from cmpe_se_fused.models import preact_resnet, wide_resnet
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import training_loop as loop  # noqa: E402 - the training loop, shared with finetune_imagefolder.py
+
+from cmpe_se_fused.dispatch import BACKEND_NAMES  # noqa: E402
+from cmpe_se_fused.distributed import convert_sync_batchnorm, convert_sync_cmpe_se  # noqa: E402
+from cmpe_se_fused.models import preact_resnet, wide_resnet  # noqa: E402
 
 MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
 STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
@@ -80,18 +80,9 @@ def parse_args(argv=None):
     a("--momentum", type=float, default=0.9)
     a("--wd", type=float, default=5e-4, help="weight decay (5e-4 for every model)")
     a("--no-nesterov", action="store_true")
-    a("--steps-per-epoch", type=int, default=0, help="cut epochs short (smoke runs); also caps evaluation")
-    a("--amp", choices=("bf16", "fp16"), help="autocast dtype (fp16 uses a GradScaler)")
-    a("--channels-last", action="store_true")
-    a("--compile", action="store_true", help="torch.compile the model")
     a("--sync-bn", action="store_true", help="nn.SyncBatchNorm for the network's BatchNorms (GPU)")
     a("--sync-se-bn", action="store_true", help="global-batch statistics in the pair-view BatchNorms")
-    a("--workers", type=int, default=2)
-    a("--seed", type=int, default=0)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--out", default="runs/cifar", help="checkpoints, CSV log and curves go here")
-    a("--resume", help="checkpoint to resume from ('auto': OUT/last.pt if it exists)")
-    a("--no-progress", action="store_true")
+    loop.add_run_options(p, workers=2, out="runs/cifar")
     return p.parse_args(argv)
 
 
@@ -194,121 +185,15 @@ def schedule(args):
 
 
 # ------------------------------------------------------------------------------------------------
-# distributed, progress, logging
+# train / evaluate (the loop itself: training_loop.py)
 # ------------------------------------------------------------------------------------------------
-
-def setup_distributed(args):
-    """(rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; multi-node the same."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, torch.device(args.device)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), world, torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-
-
-def progress(iterable, total, desc, enabled):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
-
-
-def reduce_sums(values, device, world):
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
 
 FIELDS = ("epoch", "lr", "mixup", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "images_per_s")
 
 
-def write_log(out: Path, history):
-    with open(out / "log.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(history)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    ep = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for split in ("train", "test"):
-        ax1.plot(ep, [r[f"{split}_loss"] for r in history], label=split)
-        ax2.plot(ep, [100 * (1 - r[f"{split}_acc"]) for r in history], label=split)
-    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax2.set(xlabel="epoch", ylabel="error (%)", title="top-1 error")
-    for ax in (ax1, ax2):
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------------
-# train / evaluate
-# ------------------------------------------------------------------------------------------------
-
-def run_epoch(model, loader, ctx, train, mix_alpha=0.0, opt=None, scaler=None, desc=""):
-    """One pass; returns (loss sum, correct, count) of this rank."""
-    model.train(train)
-    loss_sum = correct = count = 0.0
-    steps = len(loader) if not ctx["steps"] else min(ctx["steps"], len(loader))
-    with torch.set_grad_enabled(train):
-        for step, (x, y) in enumerate(progress(loader, steps, desc, ctx["show"])):
-            if step >= steps:
-                break
-            x = augment(x.to(ctx["device"], non_blocking=True), ctx["mean"], ctx["std"], train)
-            y = y.to(ctx["device"], non_blocking=True)
-            if ctx["channels_last"]:
-                x = x.contiguous(memory_format=torch.channels_last)
-            lam, perm = 1.0, None
-            if mix_alpha > 0:
-                lam = float(np.random.beta(mix_alpha, mix_alpha))
-                perm = torch.randperm(x.shape[0], device=x.device)
-                x = lam * x + (1 - lam) * x[perm]
-            with torch.autocast(ctx["device"].type, dtype=ctx["amp"], enabled=ctx["amp"] is not None):
-                out = model(x)
-                loss = F.cross_entropy(out.float(), y)
-                if perm is not None:
-                    loss = lam * loss + (1 - lam) * F.cross_entropy(out.float(), y[perm])
-            if train:
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            pred = out.argmax(1)
-            hits = (pred == y).float().sum() if perm is None else \
-                lam * (pred == y).float().sum() + (1 - lam) * (pred == y[perm]).float().sum()
-            loss_sum += loss.item() * x.shape[0]
-            correct += hits.item()
-            count += x.shape[0]
-    return loss_sum, correct, count
-
-
 def make_loaders(args, data, rank, world):
     train_x, train_y, test_x, test_y = data
-    per_rank = max(1, args.batch_size // world)
-    train_set, test_set = TensorDataset(train_x, train_y), TensorDataset(test_x, test_y)
-    if world > 1:
-        train_sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
-        test_sampler = DistributedSampler(test_set, world, rank, shuffle=False)
-    else:
-        train_sampler, test_sampler = RandomSampler(train_set), SequentialSampler(test_set)
-    kw = dict(num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
-              persistent_workers=args.workers > 0)
-    train = DataLoader(train_set, per_rank, sampler=train_sampler, drop_last=True, **kw)
-    test = DataLoader(test_set, per_rank, sampler=test_sampler, **kw)
-    return train, test, train_sampler
+    return loop.loaders(args, TensorDataset(train_x, train_y), TensorDataset(test_x, test_y), rank, world)
 
 
 def prepare_model(args, config, device, world):
@@ -318,15 +203,7 @@ def prepare_model(args, config, device, world):
         if args.sync_bn and device.type == "cpu" and world > 1:
             raise SystemExit("--sync-bn needs GPUs (torch's SyncBatchNorm); --sync-se-bn works on CPU")
         core = convert_sync_batchnorm(core, cmpe_se=args.sync_se_bn) if args.sync_bn else convert_sync_cmpe_se(core)
-    if args.channels_last:
-        core = core.to(memory_format=torch.channels_last)
-    model = core
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
-    if args.compile:
-        model = torch.compile(model)
-    return core, model
+    return loop.wrap_model(args, core, device, world)
 
 
 def load_data(args, num_classes, rank, world):
@@ -348,28 +225,6 @@ def make_optimiser(args, core, device):
     return opt, sched, scaler
 
 
-def resume_from(args, out, core, opt, sched, scaler, device):
-    """(history, first epoch) after loading --resume (nothing to load: ([], 0))."""
-    path = str(out / "last.pt") if args.resume == "auto" and (out / "last.pt").exists() else args.resume
-    if not path or path == "auto":
-        return [], 0
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    core.load_state_dict(ckpt["model"], strict=True)
-    opt.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    return ckpt["history"], ckpt["epoch"]
-
-
-def save(out, core, opt, sched, scaler, history, config, args):
-    ckpt = dict(model=core.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                scaler=scaler.state_dict(), epoch=history[-1]["epoch"], history=history, config=config,
-                args=vars(args))
-    torch.save(ckpt, out / "last.pt.tmp")
-    os.replace(out / "last.pt.tmp", out / "last.pt")  # never a half-written checkpoint
-    write_log(out, history)
-
-
 def check_model(args, num_classes):
     """Build the network on the meta device (no memory, no time): a configuration the layers
     reject is a usage error, said before any data is loaded."""
@@ -388,7 +243,7 @@ def main(argv=None):
     args = parse_args(argv)
     num_classes = 10 if args.dataset == "cifar10" else 100
     check_model(args, num_classes)
-    rank, world, device = setup_distributed(args)
+    rank, world, device = loop.setup_distributed(args)
     np.random.seed(args.seed + rank)
     data = load_data(args, num_classes, rank, world)
     config = model_config(args, num_classes)
@@ -397,7 +252,7 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)
     opt, sched, scaler = make_optimiser(args, core, device)
     out = Path(args.out)
-    history, start = resume_from(args, out, core, opt, sched, scaler, device)
+    history, start = loop.resume_from(args, out, core, opt, sched, scaler, device)
     total = args.epochs + (args.plain_epochs if args.mixup > 0 else 0)
     if history and start >= total:
         if rank == 0:
@@ -408,33 +263,26 @@ def main(argv=None):
             dist.destroy_process_group()
         return history
     train_loader, test_loader, sampler = make_loaders(args, data, rank, world)
-    ctx = dict(device=device, steps=args.steps_per_epoch, show=rank == 0 and not args.no_progress,
-               channels_last=args.channels_last, amp={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp),
-               mean=torch.tensor(MEAN[args.dataset], device=device).view(1, 3, 1, 1),
-               std=torch.tensor(STD[args.dataset], device=device).view(1, 3, 1, 1))
+    mean = torch.tensor(MEAN[args.dataset], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD[args.dataset], device=device).view(1, 3, 1, 1)
+    ctx = loop.run_context(args, device, rank, augment=lambda x, train: augment(x, mean, std, train))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         print(f"{args.model} se_mode={args.se_mode} backend={args.backend}: "
               f"{sum(p.numel() for p in core.parameters()) / 1e6:.3f}M parameters; {world} process(es), device "
               f"{device}; lr milestones {sorted(sched.milestones)} x{sched.gamma}", flush=True)
     for epoch in range(start, total):
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        lr, mixing = opt.param_groups[0]["lr"], args.mixup if epoch < args.epochs else 0.0
-        t0 = time.perf_counter()
-        tr = reduce_sums(run_epoch(model, train_loader, ctx, True, mixing, opt, scaler, f"epoch {epoch + 1}"),
-                         device, world)
-        elapsed = time.perf_counter() - t0
+        mixing = args.mixup if epoch < args.epochs else 0.0
+        lr, tr, elapsed = loop.train_epoch(model, train_loader, sampler, epoch, ctx, opt, scaler, world, mixing)
         if epoch < args.epochs:
             sched.step()
-        te = reduce_sums(run_epoch(model, test_loader, ctx, False, desc="test"), device, world)
+        te = loop.reduce_sums(loop.run_epoch(model, test_loader, ctx, False, desc="test"), device, world)
         history.append(dict(epoch=epoch + 1, lr=lr, mixup=mixing, train_loss=tr[0] / tr[2], train_acc=tr[1] / tr[2],
                             test_loss=te[0] / te[2], test_acc=te[1] / te[2], epoch_time_s=round(elapsed, 3),
                             images_per_s=round(tr[2] / elapsed, 1)))
         if rank == 0:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in history[-1].items()),
-                  flush=True)
-            save(out, core, opt, sched, scaler, history, config, args)
+            print(loop.format_row(history[-1]), flush=True)
+            loop.save(out, core, opt, sched, scaler, history, config, args, FIELDS, ("train", "test"))
     if world > 1:
         dist.destroy_process_group()
     return history

@@ -201,6 +201,17 @@ Geometry make_geometry(const Tensor& u, Mode mode, const Tensor& fc1, const Tens
   return g;
 }
 
+// The geometry of a pass on u in layout fmt (H*W == 1 runs as channels_last: the two layouts coincide), with
+// the shape checks of make_geometry, then fc1_weight's and fc2_weight's device and dtype.
+Geometry pass_geometry(const Tensor& u, at::MemoryFormat fmt, Mode mode, at::ScalarType acc, const Tensor& fc1,
+                       const Tensor& fc2, const OptTensor& pair_w, int64_t fold_width, int64_t padding) {
+  Geometry g = make_geometry(u, mode, fc1, fc2, pair_w, fold_width, padding);
+  g.channels_last = (fmt == at::MemoryFormat::ChannelsLast && g.C > 1) || (g.P == 1);
+  check_small("fc1_weight", fc1, u, acc);
+  check_small("fc2_weight", fc2, u, acc);
+  return g;
+}
+
 // Layout of the full-size tensors: follows u as torch.empty_like(u) would (channels_last iff u
 // is channels_last and not contiguous); other strides go through a contiguous copy.
 at::MemoryFormat layout_of(const Tensor& u) {
@@ -213,19 +224,6 @@ bool aligned16(std::initializer_list<const void*> ptrs) {
   bool ok = true;
   for (const void* p : ptrs) ok = ok && (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
   return ok;
-}
-
-// The launch of one pass from the planner, with the occupancy calculator of this device's kernels.
-template <typename Prep, typename ResPrep>
-Launch plan_or_raise(Geometry& g, bool backward, bool training, int elem, int acc, bool aligned, int device,
-                     const void* key, Prep&& prepare, const void* rkey, ResPrep&& rprepare) {
-  const DeviceLimits d = device_limits(device);
-  const Plan pl = plan_pass(
-      g, backward, training, elem, acc, aligned, env_config(), d,
-      [&](int t, size_t s, int v) { return cached_blocks_per_sm(key, t, s, v, device, prepare); },
-      [&](int t, size_t s, int v, int c) { return cached_max_clusters(rkey, t, s, v, c, device, rprepare); });
-  TORCH_CHECK(pl.ok(), "cmpe_se (CUDA): ", pl.error);
-  return pl.l;
 }
 
 template <typename T>
@@ -245,6 +243,107 @@ void launch_backward(const BackwardParams& p, const Launch& l, cudaStream_t s) {
     case at::kDouble: { using scalar_t = double; __VA_ARGS__; break; }                                 \
     default: TORCH_CHECK(false, "cmpe_se (CUDA): ", NAME, " must be float32, float16, bfloat16 or float64, got ", dtype); \
   }
+
+// The launch of one pass from the planner, with the occupancy calculator of this device's kernels
+// (the pass's persistent and resident kernels for u's dtype).
+Launch plan_or_raise(Geometry& g, bool backward, bool training, const Tensor& u, bool aligned) {
+  const int device = u.get_device();
+  const int elem = (int)u.element_size(), acc = (int)c10::elementSize(acc_type(u.scalar_type()));
+  int (*prepare)(int, size_t, int, int*) = nullptr;
+  int (*rprepare)(int, size_t, int, int, int*) = nullptr;
+  CMPE_SE_DISPATCH(u.scalar_type(), "u", {
+    prepare = backward ? &backward_prepare<scalar_t> : &forward_prepare<scalar_t>;
+    rprepare = backward ? &resident_backward_prepare<scalar_t> : &resident_prepare<scalar_t>;
+  });
+  const void* key = reinterpret_cast<const void*>(prepare);
+  const void* rkey = reinterpret_cast<const void*>(rprepare);
+  const DeviceLimits d = device_limits(device);
+  const Plan pl = plan_pass(
+      g, backward, training, elem, acc, aligned, env_config(), d,
+      [&](int t, size_t s, int v) { return cached_blocks_per_sm(key, t, s, v, device, prepare); },
+      [&](int t, size_t s, int v, int c) { return cached_max_clusters(rkey, t, s, v, c, device, rprepare); });
+  TORCH_CHECK(pl.ok(), "cmpe_se (CUDA): ", pl.error);
+  return pl.l;
+}
+
+// One pass's workspace: a byte tensor from the caching allocator on the current stream (no cudaMalloc in
+// the hot path; capturable), its 16-byte head (the grid-barrier counters) zeroed on that stream.
+struct Workspace {
+  Tensor bytes;
+  unsigned char* base;
+  cudaStream_t stream;
+};
+
+Workspace make_workspace(const Tensor& u, size_t total) {
+  Workspace w;
+  w.bytes = at::empty({(int64_t)total}, u.options().dtype(at::kByte));
+  w.base = static_cast<unsigned char*>(w.bytes.data_ptr());
+  w.stream = c10::cuda::getCurrentCUDAStream(u.get_device()).stream();
+  C10_CUDA_CHECK(cudaMemsetAsync(w.base, 0, 16, w.stream));
+  return w;
+}
+
+// One pass's launch (plan_or_raise), the workspace layout that launch needs (`layout`: forward_workspace or
+// backward_workspace, csrc/cuda/launch_plan.cuh, shared with the emulator) and the workspace itself.
+template <typename Layout>
+struct PassPlan {
+  Launch l;
+  Layout wsp;
+  Workspace ws;
+};
+
+template <typename Layout>
+PassPlan<Layout> plan_with_workspace(Geometry& g, bool backward, bool training, const Tensor& u, bool aligned,
+                                     Layout (*layout)(const Geometry&, const Launch&, int)) {
+  PassPlan<Layout> pp;
+  pp.l = plan_or_raise(g, backward, training, u, aligned);
+  pp.wsp = layout(g, pp.l, (int)c10::elementSize(acc_type(u.scalar_type())));
+  pp.ws = make_workspace(u, pp.wsp.total);
+  return pp;
+}
+
+// The optional small weights of both passes, contiguous and checked: fc1_identity_weight (double_fc),
+// pair_weight, bn_weight, bn_bias (pair modes); undefined where the mode has none.
+struct OptionalWeights {
+  Tensor w1i, pw, bw, bb;
+};
+
+OptionalWeights optional_weights(Mode mode, const Geometry& g, const Tensor& u, at::ScalarType acc,
+                                 const OptTensor& fc1_identity_weight, const OptTensor& pair_weight,
+                                 const OptTensor& bn_weight, const OptTensor& bn_bias) {
+  OptionalWeights o;
+  if (mode == Mode::DOUBLE_FC) {
+    o.w1i = small_contig(need(fc1_identity_weight, "fc1_identity_weight", mode));
+    check_small("fc1_identity_weight", o.w1i, u, acc);
+    TORCH_CHECK(o.w1i.dim() == 2 && o.w1i.size(0) == g.r && o.w1i.size(1) == g.C,
+                "cmpe_se (CUDA): fc1_identity_weight must be [", g.r, ", ", g.C, "], got ", o.w1i.sizes());
+  }
+  if (is_pair_mode(mode)) {
+    o.pw = small_contig(*pair_weight);
+    o.bw = small_contig(need(bn_weight, "bn_weight", mode));
+    o.bb = small_contig(need(bn_bias, "bn_bias", mode));
+    check_small("pair_weight", o.pw, u, acc);
+    check_small("bn_weight", o.bw, u, acc);
+    check_small("bn_bias", o.bb, u, acc);
+  }
+  return o;
+}
+
+// The fields both passes' params have (cmpe_se.h): geometry, weights (null where the mode has none), the
+// train/eval flag and the barrier counters at the head of the workspace.
+template <typename Params>
+void set_common(Params& p, const Geometry& g, const Tensor& w1, const Tensor& w2, const OptionalWeights& o,
+                bool training, unsigned char* base) {
+  p.g = g;
+  p.fc1_w = w1.data_ptr();
+  p.fc1_id_w = o.w1i.defined() ? o.w1i.data_ptr() : nullptr;
+  p.fc2_w = w2.data_ptr();
+  p.pair_w = o.pw.defined() ? o.pw.data_ptr() : nullptr;
+  p.bn_w = o.bw.defined() ? o.bw.data_ptr() : nullptr;
+  p.bn_b = o.bb.defined() ? o.bb.data_ptr() : nullptr;
+  p.training = training;
+  p.counter = reinterpret_cast<unsigned*>(base);
+}
 
 StatDtype stat_dtype(const Tensor& t) {
   switch (t.scalar_type()) {
@@ -272,27 +371,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
   const at::ScalarType acc = acc_type(u.scalar_type());
   const auto fmt = layout_of(u);
   const Tensor uc = u.contiguous(fmt), xc = x.contiguous(fmt);
-  Geometry g = make_geometry(u, mode, fc1_weight, fc2_weight, pair_weight, fold_width, padding);
-  g.channels_last = (fmt == at::MemoryFormat::ChannelsLast && g.C > 1) || (g.P == 1);
-  check_small("fc1_weight", fc1_weight, u, acc);
-  check_small("fc2_weight", fc2_weight, u, acc);
+  Geometry g = pass_geometry(u, fmt, mode, acc, fc1_weight, fc2_weight, pair_weight, fold_width, padding);
   const Tensor w1 = small_contig(fc1_weight), w2 = small_contig(fc2_weight);
-  Tensor w1i, pw, bw, bb;
-  if (mode == Mode::DOUBLE_FC) {
-    w1i = small_contig(need(fc1_identity_weight, "fc1_identity_weight", mode));
-    check_small("fc1_identity_weight", w1i, u, acc);
-    TORCH_CHECK(w1i.dim() == 2 && w1i.size(0) == g.r && w1i.size(1) == g.C,
-                "cmpe_se (CUDA): fc1_identity_weight must be [", g.r, ", ", g.C, "], got ", w1i.sizes());
-  }
+  const OptionalWeights ow = optional_weights(mode, g, u, acc, fc1_identity_weight, pair_weight, bn_weight, bn_bias);
   const bool pair = is_pair_mode(mode);
   if (pair) {
-    pw = small_contig(*pair_weight);
-    bw = small_contig(need(bn_weight, "bn_weight", mode));
-    bb = small_contig(need(bn_bias, "bn_bias", mode));
-    check_small("pair_weight", pw, u, acc);
-    check_small("bn_weight", bw, u, acc);
-    check_small("bn_bias", bb, u, acc);
-    TORCH_CHECK(bw.numel() == g.e && bb.numel() == g.e, "cmpe_se (CUDA): bn_weight, bn_bias must have ", g.e,
+    TORCH_CHECK(ow.bw.numel() == g.e && ow.bb.numel() == g.e, "cmpe_se (CUDA): bn_weight, bn_bias must have ", g.e,
                 " elements");
     for (const Tensor* t : {&running_mean, &running_var}) {
       TORCH_CHECK(t->device() == u.device() && t->numel() == g.e && t->is_contiguous(),
@@ -309,38 +393,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
   Tensor gate = at::empty({g.N, g.C}, fopt), hidden = at::empty({g.N, g.Rh}, fopt);
   Tensor bn_mean = at::empty({g.e}, fopt), bn_invstd = at::empty({g.e}, fopt);
 
-  const int device = u.get_device();
-  const int elem = (int)u.element_size(), accb = (int)c10::elementSize(acc);
-  Launch l{};
-  CMPE_SE_DISPATCH(u.scalar_type(), "u", {
-    l = plan_or_raise(g, false, training, elem, accb, aligned16({uc.data_ptr(), xc.data_ptr(), y.data_ptr()}), device,
-                      reinterpret_cast<const void*>(&forward_prepare<scalar_t>),
-                      [](int t, size_t s, int v, int* b) { return forward_prepare<scalar_t>(t, s, v, b); },
-                      reinterpret_cast<const void*>(&resident_prepare<scalar_t>),
-                      [](int t, size_t s, int v, int c, int* m) { return resident_prepare<scalar_t>(t, s, v, c, m); });
-  });
-  const ForwardWorkspace wsp = forward_workspace(g, l, accb);
-  const size_t off = wsp.total;
-  Tensor ws = at::empty({(int64_t)off}, u.options().dtype(at::kByte));
-  auto* base = static_cast<unsigned char*>(ws.data_ptr());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  C10_CUDA_CHECK(cudaMemsetAsync(base, 0, 16, stream));
+  const auto [l, wsp, ws] = plan_with_workspace(
+      g, false, training, u, aligned16({uc.data_ptr(), xc.data_ptr(), y.data_ptr()}), &forward_workspace);
+  unsigned char* const base = ws.base;
 
   ForwardParams p{};
-  p.g = g;
+  set_common(p, g, w1, w2, ow, training, base);
   p.u = uc.data_ptr();
   p.x = xc.data_ptr();
   p.y = y.data_ptr();
-  p.fc1_w = w1.data_ptr();
-  p.fc1_id_w = w1i.defined() ? w1i.data_ptr() : nullptr;
-  p.fc2_w = w2.data_ptr();
-  p.pair_w = pw.defined() ? pw.data_ptr() : nullptr;
-  p.bn_w = bw.defined() ? bw.data_ptr() : nullptr;
-  p.bn_b = bb.defined() ? bb.data_ptr() : nullptr;
   p.running_mean = pair ? running_mean.data_ptr() : nullptr;
   p.running_var = pair ? running_var.data_ptr() : nullptr;
   p.stat_dtype = pair ? stat_dtype(running_mean) : StatDtype::F32;
-  p.training = training;
   p.momentum = momentum;
   p.eps = eps;
   p.pool_u = pool_u.data_ptr();
@@ -349,10 +413,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
   p.hidden = hidden.data_ptr();
   p.bn_mean = bn_mean.data_ptr();
   p.bn_invstd = bn_invstd.data_ptr();
-  p.counter = reinterpret_cast<unsigned*>(base);
   p.part = base + wsp.part;
   p.stat_part = base + wsp.stat;
-  CMPE_SE_DISPATCH(u.scalar_type(), "u", { launch_forward<scalar_t>(p, l, stream); });
+  CMPE_SE_DISPATCH(u.scalar_type(), "u", { launch_forward<scalar_t>(p, l, ws.stream); });
   return {y, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd};
 }
 
@@ -374,11 +437,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   const at::ScalarType acc = acc_type(u.scalar_type());
   const auto fmt = layout_of(u);
   const Tensor uc = u.contiguous(fmt), dyc = grad_y.contiguous(fmt);
-  Geometry g = make_geometry(u, mode, fc1_weight, fc2_weight, pair_weight, fold_width, padding);
-  g.channels_last = (fmt == at::MemoryFormat::ChannelsLast && g.C > 1) || (g.P == 1);
+  Geometry g = pass_geometry(u, fmt, mode, acc, fc1_weight, fc2_weight, pair_weight, fold_width, padding);
   const bool pair = is_pair_mode(mode);
-  check_small("fc1_weight", fc1_weight, u, acc);
-  check_small("fc2_weight", fc2_weight, u, acc);
   for (auto nt : {std::make_pair("pool_u", &pool_u), std::make_pair("pool_x", &pool_x), std::make_pair("gate", &gate)}) {
     check_small(nt.first, *nt.second, u, acc);
     TORCH_CHECK(nt.second->dim() == 2 && nt.second->size(0) == g.N && nt.second->size(1) == g.C, "cmpe_se (CUDA): ",
@@ -389,57 +449,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
               g.N, ", ", g.Rh, "], got ", hidden.sizes());
   const Tensor pu = pool_u.contiguous(), px = pool_x.contiguous(), gt = gate.contiguous(), hd = hidden.contiguous();
   const Tensor w1 = small_contig(fc1_weight), w2 = small_contig(fc2_weight);
-  Tensor w1i, pw, bw, bb, bm, bi;
-  if (mode == Mode::DOUBLE_FC) {
-    w1i = small_contig(need(fc1_identity_weight, "fc1_identity_weight", mode));
-    check_small("fc1_identity_weight", w1i, u, acc);
-    TORCH_CHECK(w1i.dim() == 2 && w1i.size(0) == g.r && w1i.size(1) == g.C,
-                "cmpe_se (CUDA): fc1_identity_weight must be [", g.r, ", ", g.C, "], got ", w1i.sizes());
-  }
+  const OptionalWeights ow = optional_weights(mode, g, u, acc, fc1_identity_weight, pair_weight, bn_weight, bn_bias);
+  Tensor bm, bi;
   if (pair) {
-    pw = small_contig(*pair_weight);
-    bw = small_contig(need(bn_weight, "bn_weight", mode));
-    bb = small_contig(need(bn_bias, "bn_bias", mode));
     bm = small_contig(bn_mean);
     bi = small_contig(bn_invstd);
-    check_small("pair_weight", pw, u, acc);
-    check_small("bn_weight", bw, u, acc);
-    check_small("bn_bias", bb, u, acc);
     check_small("bn_mean", bm, u, acc);
     check_small("bn_invstd", bi, u, acc);
-    TORCH_CHECK(bw.numel() == g.e && bb.numel() == g.e && bm.numel() == g.e && bi.numel() == g.e,
+    TORCH_CHECK(ow.bw.numel() == g.e && ow.bb.numel() == g.e && bm.numel() == g.e && bi.numel() == g.e,
                 "cmpe_se (CUDA): bn_weight, bn_bias, bn_mean, bn_invstd must have ", g.e, " elements");
   }
   auto fopt = u.options().dtype(acc);
   Tensor grad_u = at::empty(u.sizes(), u.options().memory_format(fmt));
   Tensor grad_x = at::empty(u.sizes(), u.options().memory_format(fmt));
   Tensor d_fc1 = at::empty(fc1_weight.sizes(), fopt), d_fc2 = at::empty(fc2_weight.sizes(), fopt);
-  Tensor d_fc1_id = mode == Mode::DOUBLE_FC ? at::empty(w1i.sizes(), fopt) : at::empty({0}, fopt);
-  Tensor d_pair = pair ? at::empty(pw.sizes(), fopt) : at::empty({0}, fopt);
+  Tensor d_fc1_id = mode == Mode::DOUBLE_FC ? at::empty(ow.w1i.sizes(), fopt) : at::empty({0}, fopt);
+  Tensor d_pair = pair ? at::empty(ow.pw.sizes(), fopt) : at::empty({0}, fopt);
   Tensor d_bn_w = at::empty({g.e}, fopt), d_bn_b = at::empty({g.e}, fopt);
 
-  const int device = u.get_device();
-  const int elem = (int)u.element_size(), accb = (int)c10::elementSize(acc);
-  Launch l{};
-  CMPE_SE_DISPATCH(u.scalar_type(), "u", {
-    l = plan_or_raise(g, true, training, elem, accb,
-                      aligned16({uc.data_ptr(), dyc.data_ptr(), grad_u.data_ptr(), grad_x.data_ptr()}), device,
-                      reinterpret_cast<const void*>(&backward_prepare<scalar_t>),
-                      [](int t, size_t s, int v, int* b) { return backward_prepare<scalar_t>(t, s, v, b); },
-                      reinterpret_cast<const void*>(&resident_backward_prepare<scalar_t>),
-                      [](int t, size_t s, int v, int c, int* m) {
-                        return resident_backward_prepare<scalar_t>(t, s, v, c, m);
-                      });
-  });
-  const BackwardWorkspace wsp = backward_workspace(g, l, accb);
-  const size_t off = wsp.total;
-  Tensor ws = at::empty({(int64_t)off}, u.options().dtype(at::kByte));
-  auto* base = static_cast<unsigned char*>(ws.data_ptr());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  C10_CUDA_CHECK(cudaMemsetAsync(base, 0, 16, stream));
+  const auto [l, wsp, ws] = plan_with_workspace(
+      g, true, training, u, aligned16({uc.data_ptr(), dyc.data_ptr(), grad_u.data_ptr(), grad_x.data_ptr()}),
+      &backward_workspace);
+  unsigned char* const base = ws.base;
 
   BackwardParams p{};
-  p.g = g;
+  set_common(p, g, w1, w2, ow, training, base);
   p.dy = dyc.data_ptr();
   p.u = uc.data_ptr();
   p.du_out = grad_u.data_ptr();
@@ -450,20 +484,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   p.hidden = hd.data_ptr();
   p.bn_mean = bm.defined() ? bm.data_ptr() : nullptr;
   p.bn_invstd = bi.defined() ? bi.data_ptr() : nullptr;
-  p.fc1_w = w1.data_ptr();
-  p.fc1_id_w = w1i.defined() ? w1i.data_ptr() : nullptr;
-  p.fc2_w = w2.data_ptr();
-  p.pair_w = pw.defined() ? pw.data_ptr() : nullptr;
-  p.bn_w = bw.defined() ? bw.data_ptr() : nullptr;
-  p.bn_b = bb.defined() ? bb.data_ptr() : nullptr;
-  p.training = training;
   p.d_fc1 = d_fc1.data_ptr();
   p.d_fc1_id = mode == Mode::DOUBLE_FC ? d_fc1_id.data_ptr() : nullptr;
   p.d_fc2 = d_fc2.data_ptr();
   p.d_pair = pair ? d_pair.data_ptr() : nullptr;
   p.d_bn_w = d_bn_w.data_ptr();
   p.d_bn_b = d_bn_b.data_ptr();
-  p.counter = reinterpret_cast<unsigned*>(base);
   p.gpart = base + wsp.gpart;
   p.dg = base + wsp.dg;
   p.dhp = base + wsp.dhp;
@@ -473,7 +499,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   p.dq = base + wsp.dq;
   p.part1 = base + wsp.part1;
   p.fin = base + wsp.fin;
-  CMPE_SE_DISPATCH(u.scalar_type(), "u", { launch_backward<scalar_t>(p, l, stream); });
+  CMPE_SE_DISPATCH(u.scalar_type(), "u", { launch_backward<scalar_t>(p, l, ws.stream); });
   return {grad_u, grad_x, d_fc1, d_fc1_id, d_fc2, d_pair, d_bn_w, d_bn_b};
 }
 

@@ -7,6 +7,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 #include "cuda_runtime.h"
 #include "kernels/forward.cuh"
@@ -328,11 +329,41 @@ DeviceLimits limits_of(const int64_t* v) {
 // Registers per thread of the kernels for the occupancy model (ptxas, sm_90: docs/CUDA.md).
 constexpr int kRegsPersistent = 128, kRegsResident = 96;
 
-void set_ranges(std::initializer_list<std::pair<const void*, int64_t>> ts) {
+// What both passes set up before their kernels: the geometry and the launch of the Python side, the
+// accumulation width, the workspace (the caller zeroes its 16-byte header: the grid-barrier counters)
+// and the full-size tensors whose traffic is counted, N*C*P elements of the dtype each.
+struct Pass {
+  Geometry g;
+  Launch l;
+  int accb;
+  unsigned char* base;
+};
+Pass begin_pass(const int64_t* gv, const int64_t* launch, int dtype, void* workspace,
+                std::initializer_list<const void*> full_size) {
+  const Pass s{geom_of(gv), launch_of(launch), dtype == 1 ? 8 : 4, static_cast<unsigned char*>(workspace)};
+  const int64_t tb = s.g.N * s.g.C * s.g.P * (dtype == 1 ? 8 : dtype == 0 ? 4 : 2);
   emu::g_ranges.clear();
-  for (const auto& t : ts) {
-    const auto b = reinterpret_cast<uintptr_t>(t.first);
-    emu::g_ranges.push_back({b, b + (uintptr_t)t.second});
+  for (const void* t : full_size) {
+    const auto b = reinterpret_cast<uintptr_t>(t);
+    emu::g_ranges.push_back({b, b + (uintptr_t)tb});
+  }
+  return s;
+}
+
+// Runs a pass's kernel as its launcher does: the resident kernel, one cluster of l.cluster blocks per
+// sample, when the plan has clusters, else the persistent grid. kernel(v) runs the kernel of vector width
+// decltype(v)::value: 16 / sizeof(T) (16-byte vectors) when the plan vectorises, else 1.
+template <typename T, typename Resident, typename Persistent>
+void run_planned(const Geometry& g, const Launch& l, Resident&& resident, Persistent&& persistent) {
+  const std::integral_constant<int, 16 / sizeof(T)> vector{};
+  const std::integral_constant<int, 1> scalar{};
+  if (l.cluster > 0) {
+    const int rb = g.N * l.cluster;
+    if (l.vec > 1) run_grid(rb, l.threads, l.smem, [&] { resident(vector); }, l.cluster);
+    else run_grid(rb, l.threads, l.smem, [&] { resident(scalar); }, l.cluster);
+  } else {
+    if (l.vec > 1) run_grid(l.blocks, l.threads, l.smem, [&] { persistent(vector); });
+    else run_grid(l.blocks, l.threads, l.smem, [&] { persistent(scalar); });
   }
 }
 }  // namespace
@@ -511,11 +542,11 @@ int emu_small_probe(float* w, float* out, int n, int blocks, int threads) {
 int emu_forward(void* const* t, const int64_t* gv, const int64_t* launch, int dtype, int stat_dtype, int training,
                 double momentum, double eps) {
   return guarded([&] {
-    const Geometry g = geom_of(gv);
-    const int accb = dtype == 1 ? 8 : 4;
-    const Launch l = launch_of(launch);
-    const ForwardWorkspace wsp = forward_workspace(g, l, accb);
-    auto* base = static_cast<unsigned char*>(t[17]);
+    const Pass s = begin_pass(gv, launch, dtype, t[17], {t[0], t[1], t[2]});
+    const Geometry& g = s.g;
+    const Launch& l = s.l;
+    const ForwardWorkspace wsp = forward_workspace(g, l, s.accb);
+    unsigned char* base = s.base;
     ForwardParams p{};
     p.g = g; p.u = t[0]; p.x = t[1]; p.y = t[2];
     p.fc1_w = t[3]; p.fc1_id_w = t[4]; p.fc2_w = t[5]; p.pair_w = t[6]; p.bn_w = t[7]; p.bn_b = t[8];
@@ -523,21 +554,11 @@ int emu_forward(void* const* t, const int64_t* gv, const int64_t* launch, int dt
     p.training = training != 0; p.momentum = momentum; p.eps = eps;
     p.pool_u = t[11]; p.pool_x = t[12]; p.gate = t[13]; p.hidden = t[14]; p.bn_mean = t[15]; p.bn_invstd = t[16];
     p.counter = reinterpret_cast<unsigned*>(base); p.part = base + wsp.part; p.stat_part = base + wsp.stat;
-    const int64_t tb = g.N * g.C * g.P * (dtype == 1 ? 8 : dtype == 0 ? 4 : 2);
-    set_ranges({{t[0], tb}, {t[1], tb}, {t[2], tb}});
     emu::g_barrier_counter = p.counter;
-    const int vec = l.vec;
     dispatch(dtype, [&](auto tag) {
       using T = decltype(tag);
-      constexpr int kV = 16 / sizeof(T);
-      if (l.cluster > 0) {  // the resident kernel: one cluster per sample
-        const int rb = g.N * l.cluster;
-        if (vec > 1) run_grid(rb, l.threads, l.smem, [&] { cmpe_se_forward_resident_kernel<T, kV>(p, l); }, l.cluster);
-        else run_grid(rb, l.threads, l.smem, [&] { cmpe_se_forward_resident_kernel<T, 1>(p, l); }, l.cluster);
-      } else {
-        if (vec > 1) run_grid(l.blocks, l.threads, l.smem, [&] { cmpe_se_forward_kernel<T, kV>(p, l); });
-        else run_grid(l.blocks, l.threads, l.smem, [&] { cmpe_se_forward_kernel<T, 1>(p, l); });
-      }
+      run_planned<T>(g, l, [&](auto v) { cmpe_se_forward_resident_kernel<T, decltype(v)::value>(p, l); },
+                     [&](auto v) { cmpe_se_forward_kernel<T, decltype(v)::value>(p, l); });
     });
     emu::g_barrier_counter = nullptr;
   });
@@ -547,11 +568,11 @@ int emu_forward(void* const* t, const int64_t* gv, const int64_t* launch, int dt
 // fc1, fc1_id, fc2, pair_w, bn_w, bn_b, d_fc1, d_fc1_id, d_fc2, d_pair, d_bn_w, d_bn_b, workspace].
 int emu_backward(void* const* t, const int64_t* gv, const int64_t* launch, int dtype, int training) {
   return guarded([&] {
-    const Geometry g = geom_of(gv);
-    const int accb = dtype == 1 ? 8 : 4;
-    const Launch l = launch_of(launch);
-    const BackwardWorkspace wsp = backward_workspace(g, l, accb);
-    auto* base = static_cast<unsigned char*>(t[22]);
+    const Pass s = begin_pass(gv, launch, dtype, t[22], {t[0], t[1], t[2], t[3]});
+    const Geometry& g = s.g;
+    const Launch& l = s.l;
+    const BackwardWorkspace wsp = backward_workspace(g, l, s.accb);
+    unsigned char* base = s.base;
     BackwardParams p{};
     p.g = g; p.dy = t[0]; p.u = t[1]; p.du_out = t[2]; p.dx_out = t[3];
     p.pool_u = t[4]; p.pool_x = t[5]; p.gate = t[6]; p.hidden = t[7]; p.bn_mean = t[8]; p.bn_invstd = t[9];
@@ -562,24 +583,16 @@ int emu_backward(void* const* t, const int64_t* gv, const int64_t* launch, int d
     p.gpart = base + wsp.gpart; p.dg = base + wsp.dg; p.dhp = base + wsp.dhp; p.zbuf = base + wsp.z;
     p.dv = base + wsp.dv; p.dudx = base + wsp.dudx; p.dq = base + wsp.dq; p.part1 = base + wsp.part1;
     p.fin = base + wsp.fin;
-    const int64_t tb = g.N * g.C * g.P * (dtype == 1 ? 8 : dtype == 0 ? 4 : 2);
-    set_ranges({{t[0], tb}, {t[1], tb}, {t[2], tb}, {t[3], tb}});
     emu::g_barrier_counter = p.counter;
-    const int vec = l.vec;
     dispatch(dtype, [&](auto tag) {
       using T = decltype(tag);
-      constexpr int kV = 16 / sizeof(T);
-      if (l.cluster > 0) {  // the resident backward (se, double_fc), then the weight-gradient launch
-        const int rb = g.N * l.cluster;
-        if (vec > 1) run_grid(rb, l.threads, l.smem, [&] { cmpe_se_backward_resident_kernel<T, kV>(p, l); }, l.cluster);
-        else run_grid(rb, l.threads, l.smem, [&] { cmpe_se_backward_resident_kernel<T, 1>(p, l); }, l.cluster);
+      run_planned<T>(g, l, [&](auto v) { cmpe_se_backward_resident_kernel<T, decltype(v)::value>(p, l); },
+                     [&](auto v) { cmpe_se_backward_kernel<T, decltype(v)::value>(p, l); });
+      if (l.cluster > 0) {  // the resident backward (se, double_fc) leaves the fc weight gradients to this launch
         const long long elems = weight_grad_elements(g);
         const int wt = 64;  // the launcher uses 256 threads per block; the grid covers the elements either way
         run_grid((int)std::max<long long>(1, std::min<long long>(4, (elems + wt - 1) / wt)), wt, 0,
                  [&] { cmpe_se_weight_grads_kernel<T>(p); });
-      } else {
-        if (vec > 1) run_grid(l.blocks, l.threads, l.smem, [&] { cmpe_se_backward_kernel<T, kV>(p, l); });
-        else run_grid(l.blocks, l.threads, l.smem, [&] { cmpe_se_backward_kernel<T, 1>(p, l); });
       }
     });
     emu::g_barrier_counter = nullptr;
