@@ -89,8 +89,10 @@ class CMPESE(nn.Module):
         plans = None if torch.compiler.is_compiling() else self.__dict__.get("_host_plans")
         if plans is not None:
             plan = plans[self.training]
-            if plan is not None and plan.matches(self, u, x):
-                return plan.run(u, x)
+            if plan is not None:
+                y = plan.replay(self, u, x)
+                if y is not None:
+                    return y
         return self._forward_full(u, x, plans)
 
     def _forward_full(self, u, x, plans):
@@ -102,7 +104,7 @@ class CMPESE(nn.Module):
             self._warn_child_hooks()
         bn_kwargs = {}
         pair = self.mode in PAIR_MODES
-        cumulative = False
+        cumulative, bn, running_mean, running_var = False, None, None, None
         if pair:
             bn = self.pair_bn
             running_mean, running_var = bn.running_mean, bn.running_var

@@ -4,6 +4,7 @@ next call the full way (with its checks and errors). Also: the C++ autograd kern
 and the batch count under activation checkpointing (issue 25 item 7)."""
 import copy
 import io
+import os
 import warnings
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cmpe_se_fused import hostpath
+from cmpe_se_fused import dispatch, functional, hostpath
 from cmpe_se_fused import CMPESE, CMPESEReference
 from cmpe_se_fused.dispatch import BACKENDS
 
@@ -58,7 +59,7 @@ def test_plan_is_recorded_and_replays_the_full_path(mode):
     with torch.no_grad():
         _check_against_full(m, u, x)
         plan = m._host_plans[0]
-        assert plan is not None and plan.matches(m, u, x)
+        assert plan is not None and torch.equal(plan.replay(m, u, x), m(u, x))
         _check_against_full(m, u, x)
     ref = CMPESEReference(64, mode=mode, **({"fold_width": 8} if mode == "folded_3x3" else {})).double().eval()
     ref.load_state_dict(m.state_dict())
@@ -165,12 +166,127 @@ def test_replacing_a_parameter_or_buffer(name):
     if name == "pair_bn":
         child.running_mean = torch.randn_like(child.running_mean)
     _check_against_full(m, u, x)
-    assert m._host_plans[1].slots[0][2] is m.fc1.weight
+    assert m._host_plans[1].objs[0] is m.fc1.weight
     child.weight = nn.Parameter(torch.randn(*child.weight.shape[:-1], child.weight.shape[-1] + 1, dtype=torch.float64))
     count = m.pair_bn.num_batches_tracked.clone()
     with pytest.raises(ValueError, match="must have shape"):
         m(u, x)
     assert torch.equal(m.pair_bn.num_batches_tracked, count)  # a failed call leaves the count alone
+
+
+@needs_cpu
+def test_validation_and_backend_choice_run_once_per_shape(monkeypatch):
+    """The point of the plan: a repeated call neither validates nor chooses the backend again; a new
+    shape does both once."""
+    calls = {"validate": 0, "choose": 0}
+
+    def counting(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+    monkeypatch.setattr(functional, "validate", counting("validate", functional.validate))
+    monkeypatch.setattr(dispatch, "_choose", counting("choose", dispatch._choose))
+    hostpath.clear_host_caches()
+    m = _layer("folded_3x3").train()
+    u, x = _inputs()
+    for _ in range(3):
+        m(u, x)
+    assert calls == {"validate": 1, "choose": 1}
+    m.eval()
+    for _ in range(3):
+        m(u, x)
+    assert calls == {"validate": 2, "choose": 1}  # the eval plan's first call; the choice is cached
+    u2, x2 = _inputs(n=3)
+    for _ in range(3):
+        m(u2, x2)
+    assert calls == {"validate": 3, "choose": 1}
+    assert m.pair_bn.num_batches_tracked.item() == 3
+
+
+@needs_cpu
+@pytest.mark.parametrize("attr, value, error", [("backend", "bogus", "backend must be one of"),
+                                                ("padding", 1, "fc1_weight must have shape"),
+                                                ("fold_width", 4, "fc1_weight must have shape"),
+                                                ("mode", "pair_1x1", "must have shape")])
+def test_reassigning_a_layer_attribute(attr, value, error):
+    """The layer's configuration attributes are read by the full path on every call: reassigning one
+    after the first call must reach the full path's checks, not replay the old configuration."""
+    m = _layer("folded_3x3").train()
+    u, x = _inputs()
+    m(u, x)
+    setattr(m, attr, value)
+    count = m.pair_bn.num_batches_tracked.clone()
+    with pytest.raises(ValueError, match=error):
+        m(u, x)
+    assert torch.equal(m.pair_bn.num_batches_tracked, count)
+
+
+@needs_cpu
+def test_reassigning_the_backend_attribute_switches_the_backend():
+    m = _layer("folded_3x3").eval()
+    u, x = _inputs()
+    m(u, x)
+    m.backend = "reference"
+    y = m(u, x)
+    assert m._host_plans[0] is None  # the reference ran: no plan
+    m.backend = "cpu"
+    torch.testing.assert_close(y, _check_against_full(m, u, x))
+    assert m._host_plans[0].backend == "cpu"
+
+
+@needs_cpu
+@pytest.mark.parametrize("name", ["fc1", "fc2", "pair_conv", "pair_bn"])
+def test_a_weight_changed_in_place_behind_the_plan(name):
+    """``weight.data = ...`` keeps the Parameter object (the plan's identity check passes) but changes
+    its shape or dtype: the call must give what a fresh layer gives (the full path's error naming
+    the argument, or a cast), and a failed call leaves the count alone."""
+    m = _layer("folded_3x3").train()
+    u, x = _inputs()
+    m(u, x)
+    m(u, x)
+    w = getattr(m, name).weight
+    w.data = w.data.float()  # castable: the full path casts it to float64, as for a fresh layer
+    _check_against_full(m, u, x)
+    w.data = torch.randn(*w.shape[:-1], w.shape[-1] + 1, dtype=torch.float64)
+    count = m.pair_bn.num_batches_tracked.clone()
+    with pytest.raises(ValueError, match="must have shape"):
+        m(u, x)
+    assert torch.equal(m.pair_bn.num_batches_tracked, count)
+
+
+@needs_cpu
+def test_running_statistics_changed_in_place_are_used():
+    m = _layer("folded_3x3").eval()
+    u, x = _inputs()
+    y0 = m(u, x)
+    m.pair_bn.running_var.data = m.pair_bn.running_var.data * 4
+    y1 = _check_against_full(m, u, x)
+    assert not torch.equal(y0, y1)
+    m.pair_bn.running_mean.data = m.pair_bn.running_mean.data[:1]  # another shape: the full path's error
+    with pytest.raises(ValueError, match="running_mean must have shape"):
+        m(u, x)
+
+
+@needs_cpu
+@pytest.mark.parametrize("mode", MODES)
+def test_requires_grad_flips_after_the_first_call(mode):
+    """The plan holds the Parameter objects; whether the call records a graph node is decided per
+    call by the C++ autograd kernel, so freezing or unfreezing the layer takes effect at once."""
+    m = _layer(mode).train()
+    u, x = _inputs()
+    assert m(u, x).grad_fn is not None
+    m.requires_grad_(False)
+    assert m(u, x).grad_fn is None
+    m.fc2.weight.requires_grad_(True)
+    y = m(u, x)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert m.fc2.weight.grad is not None and m.fc1.weight.grad is None
+    ug = u.clone().requires_grad_()
+    m.requires_grad_(False)
+    m(ug, x).sum().backward()
+    assert ug.grad is not None and m.fc2.weight.grad is not None
 
 
 @needs_cpu
@@ -203,19 +319,39 @@ def test_hooks_registered_after_the_first_call_still_warn_once():
 
 
 @needs_cpu
-def test_clear_host_caches_reads_the_backend_variable_again(monkeypatch):
+def test_backend_variable_is_read_on_every_call(monkeypatch):
+    """CMPE_SE_BACKEND (and TRITON_INTERPRET) are read on every call, with or without a plan, as the
+    functional form reads them: setting one after the first call takes effect at the next."""
+    monkeypatch.delenv("CMPE_SE_BACKEND", raising=False)
     m = CMPESE(64, mode="se").eval()
     u, x = _inputs(dtype=torch.float32)
     m(u, x)
-    assert m._host_plans[0] is not None and m._host_plans[0].op is torch.ops.cmpe_se.forward.default
+    assert m._host_plans[0] is not None and m._host_plans[0].backend == "cpu"
     monkeypatch.setenv("CMPE_SE_BACKEND", "bogus")
-    m(u, x)  # read when the plan was made: the live plan goes on
-    hostpath.clear_host_caches()
     with pytest.raises(ValueError, match="CMPE_SE_BACKEND='bogus'"):
         m(u, x)
     monkeypatch.setenv("CMPE_SE_BACKEND", "reference")
     m(u, x)
     assert m._host_plans[0] is None  # the reference runs eagerly: no plan
+    monkeypatch.setenv("CMPE_SE_BACKEND", "cpu")
+    m(u, x)
+    plan = m._host_plans[0]
+    assert plan.backend == "cpu" and plan.replay(m, u, x) is not None
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if os.environ.get("TRITON_INTERPRET") == "1" else "1")
+    assert plan.replay(m, u, x) is None  # part of the backend choice's key: choose again
+
+
+@needs_cpu
+def test_clear_host_caches_drops_every_plan(monkeypatch):
+    m = _layer("folded_3x3").eval()
+    u, x = _inputs()
+    m(u, x)
+    plan = m._host_plans[0]
+    assert plan.replay(m, u, x) is not None
+    hostpath.clear_host_caches()
+    assert plan.replay(m, u, x) is None  # a stale generation: the full path, which records a new plan
+    _check_against_full(m, u, x)
+    assert m._host_plans[0] is not plan
 
 
 @needs_cpu

@@ -180,7 +180,7 @@ def _graph_replay_us(fn, device, number=200):
         return None
 
 
-def measure(rows: dict, device: torch.device, rounds: int = 5, blocks: int = 15, block_s: float = 0.002) -> dict:
+def measure(rows: dict, device: torch.device, rounds: int = 5, blocks: int = 30, block_s: float = 0.001) -> dict:
     """Interleaved, repeated per-call times. Returns row -> list of per-round (wall, CPU) times
     (seconds): the minimum over the round's blocks, the least disturbed estimate of the cost on a
     shared machine (other processes only ever add time)."""
@@ -246,7 +246,7 @@ def to_markdown(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def run(device="cpu", threads=1, rounds=5, blocks=15, block_s=0.002, out=None, backends=None) -> dict:
+def run(device="cpu", threads=1, rounds=5, blocks=30, block_s=0.001, out=None, backends=None) -> dict:
     device = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
@@ -287,8 +287,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--blocks", type=int, default=15)
-    p.add_argument("--block-ms", type=float, default=2.0)
+    p.add_argument("--blocks", type=int, default=30)
+    p.add_argument("--block-ms", type=float, default=1.0)
     p.add_argument("--providers", help="comma list of backends (default: every usable one)")
     p.add_argument("--out", default="bench_out")
     args, _ = p.parse_known_args(argv)
