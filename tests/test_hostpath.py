@@ -12,8 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cmpe_se_fused import dispatch, functional, hostpath
-from cmpe_se_fused import CMPESE, CMPESEReference
+from cmpe_se_fused import CMPESE, CMPESEReference, dispatch, functional, hostpath
 from cmpe_se_fused.dispatch import BACKENDS
 
 HAS_CPU = not BACKENDS["cpu"].not_supported_reasons(torch.empty(1))
@@ -287,6 +286,40 @@ def test_requires_grad_flips_after_the_first_call(mode):
     m.requires_grad_(False)
     m(ug, x).sum().backward()
     assert ug.grad is not None and m.fc2.weight.grad is not None
+
+
+@needs_cpu
+def test_inputs_on_another_device_after_the_first_call():
+    m = _layer("folded_3x3").eval()
+    u, x = _inputs()
+    m(u, x)
+    with pytest.raises(ValueError, match="fc1_weight must be on the same device as u"):
+        m(u.to("meta"), x.to("meta"))
+
+
+@needs_cpu
+def test_autocast_after_the_first_call():
+    """A plan recorded without autocast must not run under it: the call casts, as a fresh layer's."""
+    m = _layer("folded_3x3", dtype=torch.float32).eval()
+    u, x = _inputs(dtype=torch.float32)
+    m(u, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = _check_against_full(m, u, x)
+    assert y.dtype == torch.bfloat16
+
+
+@needs_cpu
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_torch_func_after_the_first_call(transform):
+    """The torch.func error of the compiled backends, also once a plan exists."""
+    m = _layer("se").eval()
+    u, x = _inputs()
+    m(u, x) if transform == "grad" else m(u[:1], x[:1])  # a plan for the shape the transform calls with
+    assert m._host_plans[0] is not None
+    fn = (torch.func.grad(lambda a: m(a, x).sum()) if transform == "grad"
+          else torch.func.vmap(lambda a, b: m(a[None], b[None])))
+    with pytest.raises(RuntimeError, match="torch.func transforms"):
+        fn(u) if transform == "grad" else fn(u, x)
 
 
 @needs_cpu
