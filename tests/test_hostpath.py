@@ -443,3 +443,32 @@ def test_checkpoint_counts_batches_as_batchnorm(use_reentrant):
         bn = layer if name == "bn" else layer.pair_bn
         counts[name] = bn.num_batches_tracked.item()
     assert counts["cmpe"] == counts["bn"] == counts["ref"] == 4
+
+
+@needs_cpu
+def test_host_bench_preset_from_the_cli(tmp_path):
+    """``python -m cmpe_se_fused.bench --preset host`` (issue 23): the rows beside their anchors, the
+    target ratios and the load average, in host.json and host.md (a tiny run: the plumbing only)."""
+    import json
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "cmpe_se_fused.bench", "--preset", "host", "--providers", "cpu", "--rounds", "2",
+           "--blocks", "1", "--block-ms", "0.05", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "host.json").read_text())
+    rows = {row["row"] for row in result["rows"]}
+    for row in ("bn/eval_nograd", "bn/train_fwdbwd", "conv1x1/eval_inference", "eager3/inference",
+                "cpu/se/eval_nograd", "cpu/se/eval_inference", "cpu/se/train_fwd", "cpu/folded_3x3/train_fwdbwd",
+                "cpu/folded_3x3/bare_op"):
+        assert row in rows, row
+    assert all(row["median_us"] > 0 for row in result["rows"])
+    ratios = {(r["row"], r["anchor"]) for r in result["ratios"]}
+    assert ratios == {(f"cpu/{m}/{row}", anchor) for m in ("se", "folded_3x3") for row, anchor in
+                      (("eval_nograd", "bn/eval_nograd"), ("train_fwdbwd", "bn/train_fwdbwd"),
+                       ("bare_op", "eager3/inference"))}
+    assert len(result["env"]["load_before"]) == 3 and result["env"]["threads"] == 1
+    assert "| cpu/se/bare_op / eager3/inference |" in (tmp_path / "host.md").read_text()
+    assert "| cpu/se/bare_op / eager3/inference |" in r.stdout
+    bad = subprocess.run(cmd[:5] + ["--bogus"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--bogus" in bad.stderr

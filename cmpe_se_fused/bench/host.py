@@ -291,7 +291,7 @@ def main(argv=None) -> int:
     p.add_argument("--block-ms", type=float, default=1.0)
     p.add_argument("--providers", help="comma list of backends (default: every usable one)")
     p.add_argument("--out", default="bench_out")
-    args, _ = p.parse_known_args(argv)
+    args = p.parse_args(argv)
     backends = [b.strip() for b in args.providers.split(",")] if args.providers else None
     result = run(args.device, args.threads, args.rounds, args.blocks, args.block_ms / 1000, args.out, backends)
     print(to_markdown(result))
