@@ -472,3 +472,35 @@ def test_host_bench_preset_from_the_cli(tmp_path):
     assert "| cpu/se/bare_op / eager3/inference |" in r.stdout
     bad = subprocess.run(cmd[:5] + ["--bogus"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--bogus" in bad.stderr
+
+
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+def test_triton_launch_plans_are_never_stale(kind, monkeypatch):
+    """The Triton launch path computes its geometry, tiles and strides once per key: every input it
+    depends on must be in that key, so a cached plan equals a fresh computation for each variation
+    (shape, layout, dtype, fold, padding, weights' shapes, tuning)."""
+    pytest.importorskip("triton")
+    from cmpe_se_fused import triton_kernels as tk
+    cache = {}  # one cache over every variation, so a key missing an input would hit a stale plan
+
+    def args(n=2, c=64, hw=4, dtype=torch.float32, cl=False, v_nchw=False, fold=8, padding=0, r=4, block_c=None):
+        u = torch.randn(n, c, hw, hw, dtype=dtype)
+        u = u.to(memory_format=torch.channels_last) if cl else u
+        v = u.contiguous() if v_nchw else u.clone()
+        hm, wm = 2 * c // fold - 2 + 2 * padding, fold - 2 + 2 * padding
+        tuning = (kind, None if kind == "fwd" else False, None, block_c, None, None)
+        return (u, v, torch.randn(r, hm * wm), torch.randn(c, r), torch.randn(1, 1, 3, 3), "folded_3x3", fold,
+                padding, tuning)
+
+    variations = [{}, {"n": 3}, {"hw": 8}, {"cl": True}, {"cl": True, "v_nchw": True}, {"dtype": torch.float64}, {"fold": 16}, {"padding": 1},
+                  {"r": 8}, {"c": 128, "fold": 16}, {"block_c": 32}, {}]
+    for kw in variations:
+        a = args(**kw)
+        monkeypatch.setattr(tk, "_LAUNCH_PLANS", cache)
+        hit = tk._launch_plan(*a)
+        assert tk._launch_plan(*a) is hit  # the second call is a cache hit
+        monkeypatch.setattr(tk, "_LAUNCH_PLANS", {})
+        fresh = tk._launch_plan(*a)
+        assert hit[1:] == fresh[1:], kw
+        assert vars(hit[0]) == vars(fresh[0]), kw
+    assert len(cache) == len(variations) - 1  # the last repeats the first
