@@ -375,6 +375,23 @@ def test_backend_variable_is_read_on_every_call(monkeypatch):
 
 
 @needs_cpu
+def test_backend_choice_cache_follows_the_machine_state(monkeypatch):
+    """The cached choice is reused only while what the backends' reasons read is unchanged (here: a
+    faked missing extension, as tests/test_distribution.py fakes GPUs)."""
+    from cmpe_se_fused import ops
+    u = torch.empty(1, 64, 1, 1)
+    assert dispatch.choose("auto", u).name == "cpu"
+    monkeypatch.setattr(ops, "HAS_C", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the missing-extension warning (once per process)
+        assert dispatch.choose("auto", u).name == "reference"
+    with pytest.raises(RuntimeError, match="compiled extension cmpe_se_fused._C is not available"):
+        dispatch.choose("cpu", u)
+    monkeypatch.undo()
+    assert dispatch.choose("auto", u).name == "cpu" and dispatch.choose("cpu", u).name == "cpu"
+
+
+@needs_cpu
 def test_clear_host_caches_drops_every_plan(monkeypatch):
     m = _layer("folded_3x3").eval()
     u, x = _inputs()
