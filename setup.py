@@ -110,7 +110,7 @@ def extension_plan(torch_mod, cuda_home, env=None, root=ROOT):
     if torch_mod is None:
         return [], {n: NO_TORCH for n in ("_C", "_C_cuda")}
     rel = lambda pattern: sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, pattern)))  # noqa: E731
-    cpp_sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
+    cpp_sources = rel("csrc/ops.cpp") + rel("csrc/autograd.cpp") + rel("csrc/cpu/*.cpp")
     cuda_sources = rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
     only = env.get("CMPE_SE_BUILD_ONLY", "").strip().lower()
     cxx = env.get("CXX", "c++")

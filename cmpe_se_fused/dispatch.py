@@ -131,9 +131,54 @@ def _report_choice(device_type: str, dtype: str, name: str, why: str) -> bool:
 _report_choice._dynamo_marked_constant = True
 
 
+#: (backend, CMPE_SE_BACKEND, device, dtype, TRITON_INTERPRET) -> (chosen name, auto's log suffix,
+#: the machine state it was chosen in); cleared by clear_choice_cache(), which also bumps the
+#: generation the layers' call plans check
+_choices: dict = {}
+_generation = [0]
+
+
+def _machine_state() -> tuple:
+    """What the backends' reasons read besides the input and the environment: the extensions, the
+    build record, triton, and the torch.cuda functions asked for the GPU (objects, compared by
+    identity: fixed within a process, replaced when a test fakes a GPU or a missing extension)."""
+    cuda = torch.cuda
+    return (ops.HAS_C, ops.HAS_C_CUDA, ops.BUILD_INFO, _HAS_TRITON, cuda.is_available, cuda.current_device,
+            cuda.get_device_properties)
+
+
+def choice_generation() -> int:
+    return _generation[0]
+
+
+def clear_choice_cache() -> None:
+    """Forget the cached backend choices (and, through the generation, every layer's call plan)."""
+    _choices.clear()
+    _generation[0] += 1
+
+
 def choose(backend: str, u: torch.Tensor) -> Backend:
     """The backend that runs ``u``: ``backend`` itself if it can, else a clear error; for
-    ``auto`` (or ``CMPE_SE_BACKEND``) the first usable one in :data:`AUTO_ORDER`."""
+    ``auto`` (or ``CMPE_SE_BACKEND``) the first usable one in :data:`AUTO_ORDER`.
+
+    Eagerly a successful choice is cached per (backend, ``CMPE_SE_BACKEND``, device, dtype,
+    ``TRITON_INTERPRET``) and reused while the machine state it was made in (:func:`_machine_state`)
+    is the same; :func:`clear_choice_cache` forgets them. Errors are not cached."""
+    if torch.compiler.is_compiling():
+        return _choose(backend, u)
+    key = (backend, os.environ.get("CMPE_SE_BACKEND"), u.device, u.dtype, _interpreting())
+    state = _machine_state()
+    hit = _choices.get(key)
+    if hit is None or any(a is not b for a, b in zip(hit[2], state)):
+        hit = _choices[key] = (*_choose(backend, u, key), state)
+    name, why, _ = hit
+    if why is not None:  # auto: log once per (device, dtype, backend), warn for a missing extension
+        _report_choice(u.device.type, str(u.dtype), name, why)
+    return BACKENDS[name]
+
+
+def _choose(backend: str, u: torch.Tensor, key=None):
+    """``choose`` without the cache: a Backend (``key`` None) or ``(name, log suffix or None)``."""
     origin = ""
     if backend == "auto":
         backend = os.environ.get("CMPE_SE_BACKEND", "auto").strip() or "auto"
@@ -147,13 +192,16 @@ def choose(backend: str, u: torch.Tensor) -> Backend:
         reasons = BACKENDS[backend].not_supported_reasons(u)
         if reasons:
             raise RuntimeError(f"cmpe_se backend {backend!r}{origin} cannot run this input: " + "; ".join(reasons))
-        return BACKENDS[backend]
+        return BACKENDS[backend] if key is None else (backend, None)
     order = AUTO_ORDER.get(u.device.type, ("reference",))
     skipped = []
     for name in order:
         reasons = BACKENDS[name].not_supported_reasons(u)
         if not reasons:
-            _report_choice(u.device.type, str(u.dtype), name, "".join(f"; {s}" for s in skipped))
+            why = "".join(f"; {s}" for s in skipped)
+            if key is not None:
+                return name, why
+            _report_choice(u.device.type, str(u.dtype), name, why)
             return BACKENDS[name]
         skipped.append(f"{name} skipped: {', '.join(reasons)}")
     raise RuntimeError("no cmpe_se backend can run this input: " + "; ".join(skipped))

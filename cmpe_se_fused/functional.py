@@ -179,6 +179,16 @@ def cmpe_se(u, x, fc1_weight, fc2_weight, fc1_identity_weight=None, pair_weight=
     empty output and leaves the running statistics alone, as ``nn.BatchNorm2d`` does.
     ``torch.func`` transforms need ``backend="reference"``.
     """
+    return _cmpe_se(u, x, fc1_weight, fc2_weight, fc1_identity_weight, pair_weight, bn_weight, bn_bias,
+                    running_mean, running_var, mode=mode, training=training, momentum=momentum, eps=eps,
+                    fold_width=fold_width, padding=padding, backend=backend)
+
+
+def _cmpe_se(u, x, fc1_weight, fc2_weight, fc1_identity_weight=None, pair_weight=None, bn_weight=None, bn_bias=None,
+             running_mean=None, running_var=None, *, mode, training, momentum=0.1, eps=1e-5, fold_width=16,
+             padding=0, backend="auto", on_validated=None):
+    """:func:`cmpe_se`; ``on_validated(chosen backend, u)`` (the CMPESE module's batch count and call
+    plan) runs once every check has passed, before any kernel. Returns ``y``."""
     fold_width, padding = validate(u, x, fc1_weight, fc2_weight, fc1_identity_weight, pair_weight, bn_weight,
                                    bn_bias, running_mean, running_var, mode=mode, training=training,
                                    fold_width=fold_width, padding=padding, momentum=momentum, eps=eps)
@@ -194,6 +204,8 @@ def cmpe_se(u, x, fc1_weight, fc2_weight, fc1_identity_weight=None, pair_weight=
             f"{chosen.name!r} backend (a custom op without functorch rules). Use backend='reference' "
             f"(plain PyTorch: every transform works) for torch.func, or torch.autograd.grad / .backward() "
             f"with any backend.")
+    if on_validated is not None:
+        on_validated(chosen, u)
     if chosen.name == "reference" or u.shape[0] == 0:
         # N = 0: nothing to compute; the reference gives the empty output (and gradients) every backend
         # would, and leaves the running statistics alone, as nn.BatchNorm2d does.

@@ -8,8 +8,9 @@ Op pairs (see ``docs/ARCHITECTURE.md`` for the contract):
   kernels from :mod:`cmpe_se_fused.triton_kernels`.
 
 ``torch.library.register_autograd`` refuses ops that mutate an input (the running statistics),
-so each forward op gets an ``Autograd``-key kernel: an ``autograd.Function`` that redispatches
-below autograd (what ``register_autograd`` does internally). The backward op is
+so each forward op gets an ``Autograd``-key kernel that redispatches below autograd (what
+``register_autograd`` does internally): ``cmpe_se::forward`` in C++ (``csrc/autograd.cpp``, no
+Python per call), ``cmpe_se::triton_forward`` here (an ``autograd.Function``). The backward op is
 once-differentiable.
 """
 from __future__ import annotations
@@ -215,7 +216,9 @@ def _register(forward_name: str, backward_name: str):
     torch.library.register_fake(qual_b, _fake_backward, lib=_lib)
     forward_op = getattr(torch.ops.cmpe_se, forward_name).default
     backward_op = getattr(torch.ops.cmpe_se, backward_name).default
-    _lib.impl(forward_name, _make_autograd(forward_op, backward_op), "Autograd")
+    # cmpe_se::forward has its Autograd kernel in C++ (csrc/autograd.cpp): no Python autograd per call
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(qual_f, "Autograd"):
+        _lib.impl(forward_name, _make_autograd(forward_op, backward_op), "Autograd")
 
 
 #: op pairs by backend name

@@ -288,6 +288,7 @@ def _np2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=64)
 def _split(v: float) -> tuple[float, float]:
     """(fp32 hi, fp32 lo) with hi + lo == v to ~1e-16: kernels see Python floats as fp32."""
     hi = struct.unpack("f", struct.pack("f", float(v)))[0]
@@ -398,6 +399,36 @@ def _contig(*ts):
     return [None if t is None else t.contiguous() for t in ts]
 
 
+#: launch plans by (shapes, strides, dtype, device, mode, fold, tuning): the geometry, tiles, grid
+#: and strides of a call are functions of these alone, so a repeated shape computes none of them again
+_LAUNCH_PLANS: dict = {}
+_MAX_LAUNCH_PLANS = 256
+
+
+def _launch_plan(u, v, fc1_weight, fc2_weight, pair_weight, mode, fold_width, padding, tuning):
+    """``(geometry, (single_launch, block_c, block_p, cpp, nch, block_r, block_k, block_m, block_e,
+    constexprs), strides of u, of v, of an empty_like(u) output)`` for a call with full-size
+    tensors ``u`` and ``v`` (x in the forward, grad_y in the backward)."""
+    key = (u.shape, u.stride(), v.stride(), u.dtype, u.device, fc1_weight.shape, fc2_weight.shape,
+           None if pair_weight is None else pair_weight.shape, mode, fold_width, padding, tuning)
+    hit = _LAUNCH_PLANS.get(key)
+    if hit is not None:
+        return hit
+    geo = _Geometry(u, fc1_weight, fc2_weight, pair_weight, mode, fold_width, padding)
+    kind, single_launch, chunks, block_c, block_p, block_k = tuning
+    if kind == "fwd" and single_launch is None:
+        single_launch = not u.is_cuda or geo.N >= _sms(u)
+    if kind == "fwd" and single_launch:
+        chunks = 1
+    block_c, block_p, cpp, nch = _stream_config(u, geo, block_c, block_p, chunks) if geo.N and geo.C else (1,) * 4
+    launch = (single_launch, block_c, block_p, cpp, nch, *_small_blocks(geo, block_k), geo.constexprs())
+    hit = (geo, launch, _strides(u), _strides(v), _strides(torch.empty_like(u)))
+    if len(_LAUNCH_PLANS) >= _MAX_LAUNCH_PLANS:
+        _LAUNCH_PLANS.clear()
+    _LAUNCH_PLANS[key] = hit
+    return hit
+
+
 def forward(u, x, fc1_weight, fc1_identity_weight, fc2_weight, pair_weight, bn_weight, bn_bias,
             running_mean, running_var, mode, training, momentum, eps, fold_width, padding, *,
             single_launch=None, chunks=None, block_c=None, block_p=None, block_k=None, num_warps=4):
@@ -416,9 +447,10 @@ def forward(u, x, fc1_weight, fc1_identity_weight, fc2_weight, pair_weight, bn_w
 def _forward(u, x, fc1_weight, fc1_identity_weight, fc2_weight, pair_weight, bn_weight, bn_bias, running_mean,
              running_var, mode, training, momentum, eps, fold_width, padding, single_launch, chunks, block_c,
              block_p, block_k, num_warps):
-    geo = _Geometry(u, fc1_weight, fc2_weight, pair_weight, mode, fold_width, padding)
     if x.shape != u.shape or x.dtype != u.dtype or x.device != u.device:
         raise ValueError("U and X must have the same shape, dtype and device")
+    tuning = ("fwd", single_launch, chunks, block_c, block_p, block_k)
+    geo, launch, su, sx, sy = _launch_plan(u, x, fc1_weight, fc2_weight, pair_weight, mode, fold_width, padding, tuning)
     acc, ACC = _acc(u.dtype)
     N, C = geo.N, geo.C
     pair, train_bn = geo.mode >= 2, geo.mode >= 2 and training
@@ -433,12 +465,7 @@ def _forward(u, x, fc1_weight, fc1_identity_weight, fc2_weight, pair_weight, bn_
     pw, gamma, beta = (pair_weight, bn_weight, bn_bias) if pair else (dummy, dummy, dummy)
     if N == 0 or C == 0:
         return y, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd
-    su, sx, sy = _strides(u), _strides(x), _strides(y)
-    if single_launch is None:
-        single_launch = not u.is_cuda or N >= _sms(u)
-    block_c, block_p, cpp, nch = _stream_config(u, geo, block_c, block_p, 1 if single_launch else chunks)
-    block_r, block_k, block_m, block_e = _small_blocks(geo, block_k)
-    cx = geo.constexprs()
+    single_launch, block_c, block_p, cpp, nch, block_r, block_k, block_m, block_e, cx = launch
     eps_hi, eps_lo = _split(eps)
     mom = None
     if train_bn or not single_launch:
@@ -486,7 +513,9 @@ def backward(grad_y, u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1_we
 def _backward(grad_y, u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1_weight, fc1_identity_weight,
               fc2_weight, pair_weight, bn_weight, bn_bias, mode, training, fold_width, padding, chunks, block_c,
               block_p, block_k, num_warps):
-    geo = _Geometry(u, fc1_weight, fc2_weight, pair_weight, mode, fold_width, padding)
+    tuning = ("bwd", False, chunks, block_c, block_p, block_k)
+    geo, launch, su, sd, so = _launch_plan(u, grad_y, fc1_weight, fc2_weight, pair_weight, mode, fold_width, padding,
+                                           tuning)
     acc, ACC = _acc(u.dtype)
     N, C = geo.N, geo.C
     pair = geo.mode >= 2
@@ -506,10 +535,7 @@ def _backward(grad_y, u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1_w
     w1i = fc1_identity_weight if geo.mode == 1 else dummy
     pw, gamma, beta = (pair_weight, bn_weight, bn_bias) if pair else (dummy, dummy, dummy)
     smean, sinv = (bn_mean, bn_invstd) if pair else (dummy, dummy)
-    sd, su, so = _strides(grad_y), _strides(u), _strides(grad_u)
-    block_c, block_p, cpp, nch = _stream_config(u, geo, block_c, block_p, chunks)
-    block_r, block_k, block_m, block_e = _small_blocks(geo, block_k)
-    cx = geo.constexprs()
+    _, block_c, block_p, cpp, nch, block_r, block_k, block_m, block_e, cx = launch
     dzo = 2 * C if geo.mode == 1 else geo.DZ
     dg = u.new_empty((N, C), dtype=acc)
     dhp = u.new_empty((N, geo.R_TOT), dtype=acc)

@@ -110,7 +110,7 @@ def test_build_plan_compiles_every_source():
                                                                    recursive=True) if p.endswith((".cpp", ".cu")))
     planned = sorted(sources["_C"] + sources["_C_cuda"])
     assert planned == on_disk
-    assert all(s.startswith(("csrc/ops.cpp", "csrc/cpu/")) for s in sources["_C"])
+    assert all(s.startswith(("csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cpu/")) for s in sources["_C"])
     assert all(s.startswith("csrc/cuda/") for s in sources["_C_cuda"])
 
 

@@ -7,6 +7,7 @@ Examples::
     python -m cmpe_se_fused.bench --preset gpu --out results/     # what gpu_check.sh runs
     python -m cmpe_se_fused.bench --preset wrn28-10 --modes all --dtypes bf16 --passes fwd
     python -m cmpe_se_fused.bench --compare old/bench.json        # flag rows > 10% slower
+    python -m cmpe_se_fused.bench --preset host                   # host cost per call (bench/host.py)
 """
 from __future__ import annotations
 
@@ -63,8 +64,9 @@ def _json_file(path: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cmpe_se_fused.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="quick", choices=sorted(PRESETS),
-                   help="shapes and default axes: " + "; ".join(f"{k}: {v.doc}" for k, v in PRESETS.items()))
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS) + ["host"],
+                   help="shapes and default axes: " + "; ".join(f"{k}: {v.doc}" for k, v in PRESETS.items())
+                   + "; host: the host cost per call at a tiny shape, its own options (--preset host --help)")
     p.add_argument("--modes", help=f"comma list of {list(ALL_MODES)} or 'all' (default se,folded_3x3)")
     p.add_argument("--dtypes", help=f"comma list of {list(DTYPES)} (default: the preset's for the device)")
     p.add_argument("--layouts", help="comma list of nchw,cl (channels_last)")
@@ -146,7 +148,15 @@ def options_from_args(args, argv=None) -> Options:
         copy_gbps=args.copy_gbps, e2e_asked=bool(args.e2e), repeats=args.repeats)
 
 
+def _host_preset(argv) -> bool:
+    return any(a == "--preset=host" or (a == "--preset" and nxt == "host") for a, nxt in zip(argv, argv[1:] + [""]))
+
+
 def main(argv=None) -> int:
+    argv_list = sys.argv[1:] if argv is None else list(argv)
+    if _host_preset(argv_list):  # its own rows and options (bench/host.py)
+        from . import host
+        return host.main(argv_list)
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

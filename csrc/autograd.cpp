@@ -1,0 +1,141 @@
+// The Autograd-key kernel of cmpe_se::forward (every device: CPU and CUDA kernels share the op), in
+// C++ so that neither an eval nor a training call runs Python autograd (docs/ARCHITECTURE.md, "The
+// host path"). It redispatches below autograd to the device kernel, saves what cmpe_se::backward
+// reads, and marks the saved outputs non-differentiable. The backward op is once-differentiable:
+// with create_graph=True its gradients carry a node whose backward raises.
+// cmpe_se_fused/ops.py registers the Python equivalent only where this kernel is missing (the Triton ops).
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
+
+namespace cmpe_se {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using Fwd7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Bwd8 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using ForwardSig = Fwd7(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
+                        const OptTensor&, const OptTensor&, Tensor&, Tensor&, std::string_view, bool, double, double,
+                        int64_t, int64_t);
+using BackwardSig = Bwd8(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                         const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
+                         const OptTensor&, const OptTensor&, std::string_view, bool, int64_t, int64_t);
+
+constexpr int kForwardArgs = 16;
+
+// looked up once; the handles stay valid while the library is loaded
+const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("cmpe_se::forward", "").typed<ForwardSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("cmpe_se::backward", "").typed<BackwardSig>();
+  return op;
+}
+
+OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// Identity on a gradient; differentiating through it raises (what the Python autograd's
+// _NoDoubleBackward does).
+struct NoDoubleBackward : public torch::autograd::Function<NoDoubleBackward> {
+  static Tensor forward(AutogradContext*, const Tensor& grad, const Tensor& /*anchor*/) { return grad.clone(); }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "cmpe_se: double backward is not supported; the CMPE-SE op is once-differentiable "
+                       "(use backend='reference' for higher-order gradients)");
+  }
+};
+
+struct CMPESEFunction : public torch::autograd::Function<CMPESEFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& u, const Tensor& x, const Tensor& fc1,
+                               const OptTensor& fc1_id, const Tensor& fc2, const OptTensor& pair_w,
+                               const OptTensor& bn_w, const OptTensor& bn_b, Tensor running_mean, Tensor running_var,
+                               std::string_view mode, bool training, double momentum, double eps, int64_t fold_width,
+                               int64_t padding) {
+    Fwd7 outs;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      outs = forward_op().call(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var, mode, training,
+                               momentum, eps, fold_width, padding);
+    }
+    auto& [y, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd] = outs;
+    ctx->save_for_backward({u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1, fc1_id.value_or(Tensor()), fc2,
+                            pair_w.value_or(Tensor()), bn_w.value_or(Tensor()), bn_b.value_or(Tensor())});
+    ctx->saved_data["mode"] = std::string(mode);
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["fold_width"] = fold_width;
+    ctx->saved_data["padding"] = padding;
+    ctx->mark_non_differentiable({pool_u, pool_x, gate, hidden, bn_mean, bn_invstd});
+    return {y, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    variable_list out(kForwardArgs);
+    const Tensor& grad_y = grads[0];
+    if (!grad_y.defined()) return out;  // only the non-differentiable outputs were used
+    const std::string mode = ctx->saved_data["mode"].toStringRef();
+    Bwd8 g;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      g = backward_op().call(grad_y, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7],
+                             opt(saved[8]), saved[9], opt(saved[10]), opt(saved[11]), opt(saved[12]), mode,
+                             ctx->saved_data["training"].toBool(), ctx->saved_data["fold_width"].toInt(),
+                             ctx->saved_data["padding"].toInt());
+    }
+    variable_list gl = {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g),
+                        std::get<4>(g), std::get<5>(g), std::get<6>(g), std::get<7>(g)};
+    if (at::GradMode::is_enabled()) {  // create_graph=True: make a second backward fail loudly
+      Tensor anchor;
+      for (const auto& t : saved)
+        if (t.defined() && t.requires_grad()) { anchor = t; break; }
+      if (!anchor.defined() && grad_y.requires_grad()) anchor = grad_y;
+      if (anchor.defined())
+        for (auto& t : gl) t = NoDoubleBackward::apply(t, anchor);
+    }
+    // saved[7..12] are fc1, fc1_id, fc2, pair_w, bn_w, bn_b: absent weights get no gradient
+    out[0] = gl[0];
+    out[1] = gl[1];
+    out[2] = gl[2];
+    out[3] = saved[8].defined() ? gl[3] : Tensor();
+    out[4] = gl[4];
+    out[5] = saved[10].defined() ? gl[5] : Tensor();
+    out[6] = saved[11].defined() ? gl[6] : Tensor();
+    out[7] = saved[12].defined() ? gl[7] : Tensor();
+    return out;
+  }
+};
+
+Fwd7 forward_autograd(const Tensor& u, const Tensor& x, const Tensor& fc1, const OptTensor& fc1_id, const Tensor& fc2,
+                      const OptTensor& pair_w, const OptTensor& bn_w, const OptTensor& bn_b, Tensor& running_mean,
+                      Tensor& running_var, std::string_view mode, bool training, double momentum, double eps,
+                      int64_t fold_width, int64_t padding) {
+  const auto needs_grad = [](const Tensor& t) { return t.requires_grad(); };
+  const auto opt_needs_grad = [](const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); };
+  if (!at::GradMode::is_enabled() || !(needs_grad(u) || needs_grad(x) || needs_grad(fc1) || opt_needs_grad(fc1_id) ||
+                                       needs_grad(fc2) || opt_needs_grad(pair_w) || opt_needs_grad(bn_w) ||
+                                       opt_needs_grad(bn_b))) {
+    // nothing to differentiate (no_grad, eval with frozen inputs): no graph node, no saved tensors
+    at::AutoDispatchBelowADInplaceOrView below;
+    return forward_op().call(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var, mode, training,
+                             momentum, eps, fold_width, padding);
+  }
+  auto o = CMPESEFunction::apply(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var, mode, training,
+                                 momentum, eps, fold_width, padding);
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
+}
+
+}  // namespace
+}  // namespace cmpe_se
+
+TORCH_LIBRARY_IMPL(cmpe_se, Autograd, m) { m.impl("forward", &cmpe_se::forward_autograd); }
