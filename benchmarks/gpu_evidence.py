@@ -25,7 +25,7 @@ as numbers a GPU run can check.
            in a subprocess with TRITON_INTERPRET=1): every tl.load / tl.store, mask-aware, per launch
            and per pass, full-size tensors in T and small tensors (pools, gate, hidden, weights,
            running stats, workspace) in bytes; budget: the documented 5T forward and 5T backward
-           (cmpe_se_fused/triton_kernels.py), every full-size tensor covered once per pass
+           (cmpe_se_fused/triton/streaming.py), every full-size tensor covered once per pass
 """
 from __future__ import annotations
 
@@ -548,7 +548,7 @@ def model_table(rows, cal) -> str:
 # ---- 5. the Triton kernels' bytes, in Triton's interpreter --------------------------------------
 
 TRITON_SHAPE = (2, 32, 8, 8)
-# documented traffic (cmpe_se_fused/triton_kernels.py module docstring), per tensor in T: forward 5T
+# documented traffic (cmpe_se_fused/triton/streaming.py module docstring), per tensor in T: forward 5T
 # (the squeeze reads U, X; the rescale re-reads them and writes Y), backward 5T (grad-gate reads dY,
 # U: 2T; input-grad reads dY, writes dU, dX: 3T)
 TRITON_DOCUMENTED = {"fwd": {"U": 2, "X": 2, "Y": 1}, "bwd": {"dY": 2, "U": 1, "dU": 1, "dX": 1}}
@@ -788,7 +788,7 @@ def main(argv=None) -> int:
                 "`single` (one program per sample; the default when N >= SMs, and on the CPU), `split` (2 programs "
                 "per sample, 8-channel tiles: the N < SMs default's structure, squeeze and excite separate). Budget: "
                 "the documented 5T forward (the squeeze reads U, X; the rescale re-reads them: the two-pass design "
-                "of SPEC section 3, above its 3T floor) and 5T backward (`cmpe_se_fused/triton_kernels.py`), every "
+                "of SPEC section 3, above its 3T floor) and 5T backward (`cmpe_se_fused/triton/streaming.py`), every "
                 "full-size tensor covered exactly once.\n\n" + triton_table(rows))
         text += ("\n\nPer launch (training, NCHW; `small tensors`: total bytes, then per kernel argument):\n\n"
                  + triton_launch_table(rows, modes=tuple(m for m in ("se", "folded_3x3") if m in modes)))

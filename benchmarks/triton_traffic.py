@@ -39,9 +39,9 @@ for _p in (ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "benchmarks")):
         sys.path.insert(0, _p)
 
 MODES = ("se", "double_fc", "pair_2x1", "pair_1x1", "folded_3x3")
-# the kernels' full-size output arguments (cmpe_se_fused/triton_kernels.py)
+# the kernels' full-size output arguments (cmpe_se_fused/triton/streaming.py)
 OUTPUT_NAMES = {"y": "Y", "du_out": "dU", "dx_out": "dX"}
-# launch configurations of the streaming kernels (triton_kernels._forward / _backward):
+# launch configurations of the streaming kernels (cmpe_se_fused.triton.streaming._forward / _backward):
 #   single: one program per sample, the forward in one launch (the default when the batch fills
 #           the device, N >= SMs, and always on the CPU)
 #   split:  several programs per sample (N < SMs on a GPU: chunks = ceil(2 SMs / N), e.g. 3 at the
@@ -61,7 +61,7 @@ def interpreter_ready() -> tuple[bool, str]:
         from triton.runtime import interpreter  # noqa: F401
     except Exception as exc:  # noqa: BLE001
         return False, f"triton cannot be imported: {exc}"
-    import cmpe_se_fused.triton_kernels as tk
+    import cmpe_se_fused.triton.streaming as tk
 
     if not tk.INTERPRETED:
         return False, "triton was imported before TRITON_INTERPRET=1 was set: kernels are compiled, not interpreted"
@@ -287,7 +287,7 @@ def _summarise(counter: ByteCounter, pas: str) -> dict:
 def measure(mode, training, layout="nchw", config="single", shape=(2, 32, 8, 8), dtype=torch.float32, seed=0,
             reduction=4):
     """Forward then backward of the Triton backend under the counter: {"fwd": ..., "bwd": ...}."""
-    import cmpe_se_fused.triton_kernels as tk
+    import cmpe_se_fused.triton.streaming as tk
     import emulator as E
 
     d, kw = _case(mode, shape, layout, training, dtype, seed, reduction)

@@ -5,7 +5,7 @@ Op pairs (see ``docs/ARCHITECTURE.md`` for the contract):
 * ``cmpe_se::forward`` / ``cmpe_se::backward``: schemas defined in C++ (``csrc/ops.cpp``); CPU
   kernels in ``_C``, CUDA kernels in ``_C_cuda``.
 * ``cmpe_se::triton_forward`` / ``cmpe_se::triton_backward``: same schemas, defined here, Triton
-  kernels from :mod:`cmpe_se_fused.triton_kernels`.
+  kernels from :mod:`cmpe_se_fused.triton.streaming`.
 
 ``torch.library.register_autograd`` refuses ops that mutate an input (the running statistics),
 so each forward op gets an ``Autograd``-key kernel that redispatches below autograd (what
@@ -114,13 +114,13 @@ _lib.define("triton_backward" + BACKWARD_SCHEMA)
 
 
 def _triton_forward_impl(*args):
-    from . import triton_kernels
-    return triton_kernels.forward(*args)
+    from .triton import streaming
+    return streaming.forward(*args)
 
 
 def _triton_backward_impl(*args):
-    from . import triton_kernels
-    return triton_kernels.backward(*args)
+    from .triton import streaming
+    return streaming.backward(*args)
 
 
 for _key in ("CUDA", "CPU"):  # CPU: Triton's interpreter (TRITON_INTERPRET=1), for testing

@@ -278,7 +278,7 @@ def test_gpu_check_script_syntax_and_usage():
 # -- launch variants ---------------------------------------------------------------------------
 
 def test_variant_parsing_and_triton_launch_keywords(monkeypatch):
-    from cmpe_se_fused import triton_kernels
+    from cmpe_se_fused.triton import streaming as triton_kernels
     from cmpe_se_fused.bench import variants
     assert variants.parse_variant("triton@x:block_p=64,single_launch=false") == (
         "triton@x", {"block_p": 64, "single_launch": False})

@@ -370,7 +370,7 @@ def _triton_or_skip():
 
 
 def _assert_documented(rows):
-    """Every pass moves exactly the documented traffic of triton_kernels.py: forward U, X twice
+    """Every pass moves exactly the documented traffic of cmpe_se_fused/triton/streaming.py: forward U, X twice
     (squeeze, rescale) and Y once (5T); backward dY twice (grad-gate, input-grad), U, dU, dX once
     (5T); every full-size tensor covered exactly once; no byte outside the launch's tensors."""
     assert rows

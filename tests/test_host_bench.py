@@ -45,7 +45,7 @@ def test_triton_launch_plans_are_never_stale(kind, monkeypatch):
     depends on must be in that key, so a cached plan equals a fresh computation for each variation
     (shape, layout, dtype, fold, padding, weights' shapes, tuning)."""
     pytest.importorskip("triton")
-    from cmpe_se_fused import triton_kernels as tk
+    from cmpe_se_fused.triton import streaming as tk
     cache = {}  # one cache over every variation, so a key missing an input would hit a stale plan
 
     def args(n=2, c=64, hw=4, dtype=torch.float32, cl=False, v_nchw=False, fold=8, padding=0, r=4, block_c=None):

@@ -21,7 +21,7 @@ def test_graph_reads_the_real_package():
     assert "cmpe_se_fused.convert" in graph["cmpe_se_fused"]  # from . import convert
     assert "cmpe_se_fused.modules" in graph["cmpe_se_fused.convert"]  # from .modules import CMPESE
     assert "cmpe_se_fused.vision" in graph["cmpe_se_fused.convert"]  # a function-level import
-    assert "cmpe_se_fused.triton_kernels" in graph["cmpe_se_fused.bench.variants"]  # importlib.import_module
+    assert "cmpe_se_fused.triton.streaming" in graph["cmpe_se_fused.bench.variants"]  # importlib.import_module
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:
@@ -71,3 +71,18 @@ def test_public_names_stay_where_users_import_them():
     for name in layer_swap.__all__:
         assert name in convert.__all__ and getattr(convert, name) is getattr(layer_swap, name)
     assert cmpe_se_fused.SyncCMPESE is distributed.SyncCMPESE
+
+
+def test_import_does_not_load_triton():
+    """``import cmpe_se_fused`` stays fast: the Triton backend (and Triton) load at the first Triton call."""
+    code = ("import sys, cmpe_se_fused, cmpe_se_fused.ops, cmpe_se_fused.modules\n"
+            "print(sorted(m for m in sys.modules if m == 'triton' or m.startswith(('triton.', 'cmpe_se_fused.triton'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_triton_kernels_live_in_their_subpackage():
+    """The package root holds what users import; every ``@triton.jit`` kernel sits under ``cmpe_se_fused/triton/``."""
+    with_kernels = [name for name, path in package_modules(ROOT / "cmpe_se_fused").items()
+                    if "@triton.jit" in path.read_text()]
+    assert with_kernels and all(m.startswith("cmpe_se_fused.triton.") for m in with_kernels), with_kernels

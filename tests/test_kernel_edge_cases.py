@@ -87,7 +87,7 @@ def test_triton_nonfinite_batch_variance_reaches_running_var():
         "import json, sys, torch\n"
         "sys.path.insert(0, 'tests')\n"
         "import test_kernel_edge_cases as t\n"
-        "from cmpe_se_fused import triton_kernels as tk\n"
+        "from cmpe_se_fused.triton import streaming as tk\n"
         "ok, why = tk.is_available()\n"
         "out = {'ok': ok, 'why': why, 'rows': []}\n"
         "if ok:\n"

@@ -1,4 +1,4 @@
-"""Triton backend (``cmpe_se_fused.triton_kernels``) against the op-contract reference.
+"""Triton backend (``cmpe_se_fused.triton.streaming``) against the op-contract reference.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (small shapes; fp32, fp16
 and fp64; the interpreter has no bf16). Triton decides at decoration time whether a kernel is
@@ -32,9 +32,9 @@ if _CPU_ONLY and _IN_PROCESS and not _ENV_INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
 try:
     pytest.importorskip("triton")
-    import cmpe_se_fused.triton_kernels as tk
+    import cmpe_se_fused.triton.streaming as tk
     if _CPU_ONLY and _IN_PROCESS and not tk.INTERPRETED:  # imported earlier with compiled kernels
-        importlib.reload(sys.modules["cmpe_se_fused._triton_small"])
+        importlib.reload(sys.modules["cmpe_se_fused.triton.small"])
         tk = importlib.reload(tk)
 finally:
     if _CPU_ONLY and not _ENV_INTERPRET:
@@ -393,7 +393,7 @@ except Exception as exc:
     sys.exit(3)
 sys.path.insert(0, sys.argv[1])
 from conftest import make_params
-from cmpe_se_fused import triton_kernels as tk
+from cmpe_se_fused.triton import streaming as tk
 from cmpe_se_fused.reference import MODES
 NAMES = ("fc1_weight", "fc1_identity_weight", "fc2_weight", "pair_weight", "bn_weight", "bn_bias")
 configs = [(m, t, torch.float32, (8, 64, 4, 4), False, True) for m in MODES for t in (True, False)]

@@ -12,7 +12,7 @@ import torch
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_ROOT = os.path.dirname(PACKAGE_DIR)
-KERNEL_GLOBS = ("csrc/**/*", "cmpe_se_fused/triton_kernels.py", "cmpe_se_fused/_triton*.py")
+KERNEL_GLOBS = ("csrc/**/*", "cmpe_se_fused/triton/*.py")
 
 
 def kernel_files(root: str = REPO_ROOT) -> list[str]:

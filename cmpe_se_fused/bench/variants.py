@@ -3,7 +3,7 @@
 A variant is a provider named ``backend@name`` that runs a backend with non-default launch
 parameters, timed beside the default on the same rows:
 
-* ``triton@...``: keyword arguments of ``triton_kernels.forward`` / ``backward`` (``num_warps``,
+* ``triton@...``: keyword arguments of ``cmpe_se_fused.triton.streaming.forward`` / ``backward`` (``num_warps``,
   ``chunks``, ``block_c``, ``block_p``, ``block_k``, ``single_launch``), applied in-process by
   wrapping those two functions for the duration of the provider's timings;
 * ``cuda@...``, ``cpu@...``: environment variables of the compiled backends (``CMPE_SE_CUDA_THREADS``,
@@ -82,14 +82,14 @@ def unknown_reason(provider: str) -> str | None:
 @contextlib.contextmanager
 def triton_launch(params: dict):
     """Run the Triton op with ``params`` as keyword arguments of the kernels' Python launchers
-    (``ops.py`` looks ``triton_kernels.forward``/``backward`` up at every call)."""
-    tk = importlib.import_module("cmpe_se_fused.triton_kernels")
+    (``ops.py`` looks ``streaming.forward``/``backward`` up at every call)."""
+    tk = importlib.import_module("cmpe_se_fused.triton.streaming")
     orig_f, orig_b = tk.forward, tk.backward
     kf = {k: v for k, v in params.items() if k in inspect.signature(orig_f).parameters}
     kb = {k: v for k, v in params.items() if k in inspect.signature(orig_b).parameters}
     unused = set(params) - set(kf) - set(kb)
     if unused:
-        raise ValueError(f"triton_kernels.forward/backward take no parameter {sorted(unused)}")
+        raise ValueError(f"cmpe_se_fused.triton.streaming.forward/backward take no parameter {sorted(unused)}")
 
     def forward(*args):
         return orig_f(*args, **kf)

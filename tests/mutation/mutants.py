@@ -6,7 +6,7 @@ wrong one. ``kind`` picks what is rebuilt and which tests run (``run.py``'s ``KI
 * ``cpu``    -- ``csrc/cpu`` (the fused CPU kernels of ``cmpe_se_fused._C``)
 * ``emu``    -- ``csrc/kernels`` (the CUDA device code, run by the emulator tests of
   ``tests/test_cuda.py`` on the CPU)
-* ``triton`` -- ``cmpe_se_fused/triton_kernels.py`` and ``_triton_small.py`` (Triton's interpreter)
+* ``triton`` -- ``cmpe_se_fused/triton/streaming.py`` and ``cmpe_se_fused/triton/small.py`` (Triton's interpreter)
 
 Kinds of bug (the issue's list): sign flips, off-by-one in tails and fold offsets, swapped u/x,
 wrong eps / momentum / unbias, dropped tail loops, wrong stride in one layout.
@@ -31,7 +31,7 @@ S, M, F, B, P = ("csrc/cpu/stream_impl.h", "csrc/cpu/small_impl.h", "csrc/cpu/fo
                  "csrc/cpu/pair_view.h")
 ST, EX, FW, BW = ("csrc/kernels/stream.cuh", "csrc/kernels/excite.cuh", "csrc/kernels/forward.cuh",
                   "csrc/kernels/backward.cuh")
-TK, TS = "cmpe_se_fused/triton_kernels.py", "cmpe_se_fused/_triton_small.py"
+TK, TS = "cmpe_se_fused/triton/streaming.py", "cmpe_se_fused/triton/small.py"
 
 MUTANTS = [
     # ---- CPU: streaming passes (stream_impl.h) ----

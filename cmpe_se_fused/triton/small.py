@@ -2,7 +2,7 @@
 
 Everything here works on ``N x C``-sized tensors (pools, gates, the pair-view map), never on
 activations. The streaming kernels (squeeze, rescale, input gradients) live in
-:mod:`cmpe_se_fused.triton_kernels` and call the ``@triton.jit`` helpers below.
+:mod:`cmpe_se_fused.triton.streaming` and call the ``@triton.jit`` helpers below.
 
 Notation (SPEC): a *patch* ``q`` is the 1, 2 or 9 pair-map values under a filter at one map
 position; it is held as a ``[BLOCK, JP]`` tile (``JP`` = next power of two of ``J``, zero

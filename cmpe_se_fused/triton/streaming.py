@@ -69,7 +69,7 @@ def is_available() -> tuple[bool, str]:
 
 
 if triton is not None:
-    from ._triton_small import (
+    from .small import (
         _bn_affine,
         _bn_stats_kernel,
         _hidden,
