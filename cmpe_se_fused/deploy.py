@@ -54,11 +54,15 @@ def library_path(name: str = "_C") -> str:
 def _onnx_export_kind() -> str | None:
     """``"dynamo"`` or ``"legacy"`` while ``torch.onnx.export`` traces a model, else None."""
     onnx = sys.modules.get("torch.onnx")  # imported by whoever exports; never imported here
-    if onnx is None or not onnx.is_in_onnx_export():
+    if onnx is None:
         return None
-    import torch
-
-    return "legacy" if torch.jit.is_tracing() else "dynamo"
+    # The dynamo exporter's own flag (torch >= 2.8): read directly because torch.compile folds
+    # torch.onnx.is_in_onnx_export() to False, and the exporter's second capture strategy is strict
+    # (dynamo) torch.export
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    if getattr(flags, "_is_onnx_exporting", False):
+        return "dynamo"
+    return "legacy" if onnx.is_in_onnx_export() else None
 
 
 def export_backend(backend: str, training: bool) -> str:
