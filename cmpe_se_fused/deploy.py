@@ -79,9 +79,10 @@ def export_backend(backend: str, training: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cmpe_se_fused.deploy",
-                                     description="Print the compiled libraries to load in a process that does not "
-                                                 f"import cmpe_se_fused, one path a line, in load order ({DEPLOY_DOC}).")
+    parser = argparse.ArgumentParser(
+        prog="python -m cmpe_se_fused.deploy",
+        description="Print the compiled libraries to load in a process that does not import cmpe_se_fused, one path "
+                    f"a line, in load order ({DEPLOY_DOC}).")
     parser.parse_args(argv)
     paths = library_paths()
     if not paths:

@@ -1,8 +1,8 @@
 """Deployment (docs/DEPLOY.md): ONNX export run by onnxruntime, torch.export round trips that keep the fused
 op, and the compiled libraries loaded by processes that never import cmpe_se_fused.
 
-The AOTInductor tests (compile a package, load it in a fresh process and from a C++ program) are in
-test_deploy_aoti.py, marked ``heavy``."""
+An AOTInductor package of a WRN-10-1 loads in a fresh process here (``slow``: about 25 s of C++
+compilation); docs/DEPLOY.md's blocks, the C++ program among them, run in test_deploy_docs.py."""
 from __future__ import annotations
 
 import collections
@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import assert_close_rule
 from torch import nn
 
 import cmpe_se_fused
@@ -23,7 +24,6 @@ from cmpe_se_fused import CMPESE, deploy
 from cmpe_se_fused.dispatch import BACKENDS
 from cmpe_se_fused.models import preact_resnet, wide_resnet
 from cmpe_se_fused.reference import MODES
-from conftest import assert_close_rule
 
 HAS_CPU_KERNEL = not BACKENDS["cpu"].not_supported_reasons()
 needs_cpu = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="needs the compiled CPU backend (cmpe_se_fused._C)")
@@ -126,6 +126,38 @@ def test_onnx_every_mode_standard_ops_dynamic_batch(tmp_path, channels_last):
 
 
 @needs_onnx
+@pytest.mark.skipif(torch.__version__ < "2.9", reason="torch.onnx.export defaults to dynamo=True from torch 2.9")
+def test_onnx_export_default_arguments_in_a_fresh_process(tmp_path):
+    """The issue's first try, as a user types it: import the package (which imports nothing of onnx: it costs
+    import time), then torch.onnx.export(model, (x,), f) with no other argument; onnxruntime matches eager."""
+    code = """
+        import collections, sys
+        import torch
+        import cmpe_se_fused
+        from cmpe_se_fused.models import wide_resnet
+
+        heavy = [m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxscript', 'onnxruntime')
+                 or m.startswith('torch.onnx')]
+        assert not heavy, heavy
+        import onnx, onnxruntime
+
+        torch.manual_seed(0)
+        model = wide_resnet(10, 1, se_mode="pair_2x1").eval()
+        x = torch.randn(2, 3, 16, 16)
+        torch.onnx.export(model, (x,), "model.onnx")
+        proto = onnx.load("model.onnx")
+        assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"} and not proto.functions
+        print(dict(collections.Counter(n.op_type for n in proto.graph.node)))
+        session = onnxruntime.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+        (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(y), model(x), rtol=1e-5, atol=1e-5)
+    """
+    ops = eval(run_fresh(code, tmp_path).stdout.strip().splitlines()[-1])  # our own printed dict
+    assert set(ops) <= STANDARD_OPS and ops["Sigmoid"] == 3, ops  # wrn10_1: 3 CMPE-SE layers
+
+
+@needs_onnx
 def test_onnx_training_mode_says_call_eval():
     model = Zoo().train()
     with pytest.raises(Exception, match=r"training mode is not supported.*call model\.eval\(\)"):
@@ -142,7 +174,7 @@ def test_legacy_onnx_exporter_names_dynamo_true(tmp_path):
 def test_onnx_swap_leaves_eager_compile_and_torch_export_alone():
     """With torch.onnx imported (as after an export), calls outside an export still run the fused op: eager,
     torch.export (the graph holds the op) and plain jit tracing."""
-    import torch.onnx  # noqa: F401
+    import torch.onnx
 
     model = Zoo().eval()
     x = torch.randn(2, 3, 8, 8)
@@ -150,17 +182,6 @@ def test_onnx_swap_leaves_eager_compile_and_torch_export_alone():
     assert fused_calls(torch.export.export(model, (x,))) == len(MODES)
     traced = torch.jit.trace(model, (x,), check_trace=False)
     assert str(traced.inlined_graph).count("cmpe_se::forward") == len(MODES)
-
-
-def test_import_does_not_import_onnx(tmp_path):
-    code = """
-        import sys
-        import cmpe_se_fused
-        heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxscript', 'onnxruntime')
-                       or m.startswith('torch.onnx'))
-        assert not heavy, heavy
-    """
-    run_fresh(code, tmp_path)
 
 
 # -- torch.export ---------------------------------------------------------------------------------
@@ -245,48 +266,67 @@ def test_c_program_without_libpython_loads_the_library(tmp_path):
                          env=env, timeout=120, check=False)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == f"isa {cmpe_se_fused._C.cpu_isa()}"
-    needed = subprocess.run(["readelf", "-d", str(tmp_path / "load")], capture_output=True, text=True).stdout
+    needed = subprocess.run(["readelf", "-d", str(tmp_path / "load")], capture_output=True, text=True,
+                            check=True).stdout
     assert "python" not in needed
 
 
 @needs_cpu
-def test_exported_model_runs_in_a_process_that_never_imports_the_package(tmp_path):
-    """The issue's fresh process: torch.ops.load_library on the paths, then torch.export.load and run; the
-    output matches the eager output saved by this process, and cmpe_se_fused was never imported there."""
+@pytest.mark.slow
+def test_exported_and_aoti_models_run_in_a_process_that_never_imports_the_package(tmp_path):
+    """The issue's fresh process: without the libraries neither model loads; after torch.ops.load_library on
+    library_paths(), the ExportedProgram (torch.export.load) and the AOTInductor package (aoti_load_package)
+    match the eager output saved here, and cmpe_se_fused was never imported. ``slow``: the package costs about
+    25 s of C++ compilation. The C++ program that loads such a package is docs/DEPLOY.md's (test_deploy_docs.py,
+    ``-m heavy``)."""
     torch.manual_seed(0)
     model = randomise_bn(wide_resnet(10, 1, se_mode="folded_3x3")).eval()
     x = torch.randn(2, 3, 16, 16)
-    torch.export.save(torch.export.export(model, (x,)), tmp_path / "model.pt2")
+    ep = torch.export.export(model, (x,))
+    assert fused_calls(ep) == 3
+    torch.export.save(ep, tmp_path / "model.pt2")
+    torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "aoti.pt2"))
     with torch.no_grad():
         torch.save({"x": x, "y": model(x)}, tmp_path / "io.pt")
     (tmp_path / "libs.txt").write_text("\n".join(deploy.library_paths()) + "\n")
     code = """
         import sys, torch
+        io = torch.load("io.pt")
+        # both call the fused op: without the libraries they cannot load (torch.export.load says why in a warning)
+        for load, says in ((lambda: torch.export.load("model.pt2").module(), "deserializing"),
+                           (lambda: torch._inductor.aoti_load_package("aoti.pt2"), "cmpe_se::forward")):
+            try:
+                load()(io["x"])
+                raise AssertionError("a model ran without the cmpe_se libraries")
+            except RuntimeError as exc:
+                assert says in str(exc), exc
         for path in open("libs.txt").read().split():
             torch.ops.load_library(path)
-        io = torch.load("io.pt")
-        y = torch.export.load("model.pt2").module()(io["x"])
-        torch.testing.assert_close(y, io["y"], rtol=1e-5, atol=1e-6)
+        for name, model in (("torch.export", torch.export.load("model.pt2").module()),
+                            ("aoti", torch._inductor.aoti_load_package("aoti.pt2"))):
+            y = model(io["x"])
+            torch.testing.assert_close(y, io["y"], rtol=1e-5, atol=1e-6)
+            print(name, "max |diff| to eager:", (y - io["y"]).abs().max().item())
         assert not [m for m in sys.modules if m.startswith("cmpe_se_fused")]
-        print("ok", (y - io["y"]).abs().max().item())
     """
-    assert "ok" in run_fresh(code, tmp_path).stdout
+    out = run_fresh(code, tmp_path).stdout
+    assert "torch.export max |diff|" in out and "aoti max |diff|" in out, out
 
 
 def test_library_path_not_built_names_the_reason(monkeypatch):
+    with pytest.raises(ValueError, match="name must be one of"):
+        deploy.library_path("_D")
     monkeypatch.setattr(cmpe_se_fused._loader, "find", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"cmpe_se_fused\._C_cuda: "):
         deploy.library_path("_C_cuda")
-    with pytest.raises(ValueError, match="name must be one of"):
-        cmpe_se_fused._loader.find("_D")
     assert deploy.library_paths() == []
     assert deploy.main([]) == 1
 
 
 @needs_cpu
-def test_deploy_cli_prints_the_libraries(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "cmpe_se_fused.deploy"], capture_output=True, text=True,
-                         timeout=300, check=True, cwd=tmp_path)
-    assert res.stdout.split() == deploy.library_paths()
+def test_deploy_cli_prints_the_libraries(capsys):
+    """In process: docs/DEPLOY.md's export block runs ``python -m cmpe_se_fused.deploy`` itself."""
+    assert deploy.main([]) == 0
+    assert capsys.readouterr().out.split() == deploy.library_paths()
 
 
