@@ -1,7 +1,8 @@
 """cmpe_se_fused: fused kernels for the competitive squeeze-and-excitation layer (CMPE-SE).
 
 ``CMPESE(channels, mode=...)`` is the drop-in layer; ``functional.cmpe_se`` the functional form;
-``models`` the paper's networks; ``python -m cmpe_se_fused.info`` says which backends run here; docs/DEPLOY.md how to deploy.
+``models`` the paper's networks; ``python -m cmpe_se_fused.info`` says which backends run here;
+docs/DEPLOY.md how to deploy a model (ONNX, torch.export, AOTInductor, C++).
 """
 from . import ops  # noqa: F401  (registers the custom ops)
 from . import functional, models, reference

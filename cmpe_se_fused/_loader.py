@@ -42,8 +42,13 @@ class NotBuiltError(ImportError):
 def load(name: str) -> types.ModuleType:
     """Load library ``name`` into this process (its op registrations run) and return its module object.
 
-    Raises :class:`NotBuiltError` when the file is missing, ``OSError`` when it cannot be loaded (a missing
-    dependency such as libcudart, or a torch other than the one it was built against)."""
+    Raises :class:`NotBuiltError` when the file is missing (or ``sys.modules`` blocks it), ``OSError`` when it
+    cannot be loaded (a missing dependency such as libcudart, or a torch other than the one it was built against)."""
+    key = f"{__package__}.{name}"
+    if key in sys.modules and sys.modules[key] is None:
+        # Python's way to block an import (``sys.modules[name] = None``) blocks the load too, so that a test
+        # or a user can run the package as if the library had not been built
+        raise NotBuiltError(f"loading {key} halted: None in sys.modules", name=key)
     path = find(name)
     if path is None:
         raise NotBuiltError(f"cmpe_se_fused.{name} is not built: no {name}*.so in {PACKAGE_DIR}", name=name)
