@@ -15,7 +15,7 @@ import operator
 
 import torch
 
-from . import reference
+from . import deploy, reference
 from .dispatch import choose
 from .reference import KERNEL_SIZE, MODES, PAIR_MODES, acc_dtype, map_shape, relation_dim
 
@@ -197,7 +197,7 @@ def _cmpe_se(u, x, fc1_weight, fc2_weight, fc1_identity_weight=None, pair_weight
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type) and u.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device_type)
         u, x = u.to(dtype), x.to(dtype)
-    chosen = choose(backend, u)
+    chosen = choose(deploy.export_backend(backend, training), u)  # ONNX export: the reference (deploy.py)
     if chosen.name != "reference" and _functorch_active():
         raise RuntimeError(
             f"cmpe_se: torch.func transforms (grad, vmap, jacrev, jvp, ...) cannot run the compiled "

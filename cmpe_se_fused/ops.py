@@ -15,11 +15,11 @@ once-differentiable.
 """
 from __future__ import annotations
 
-import importlib
 import re
 
 import torch
 
+from . import _loader
 from .reference import acc_dtype
 
 FORWARD_SCHEMA = (
@@ -49,15 +49,16 @@ REBUILD_HINT = "pip install --no-build-isolation --no-deps --force-reinstall . (
 
 
 def _try_import(name: str) -> bool:
+    """Load the compiled library ``name`` (a plain shared library: see ``_loader``) and record why not."""
     try:
-        importlib.import_module(f"cmpe_se_fused.{name}")
+        _loader.load(name)
         EXTENSION_STATUS[name] = ""
         return True
-    except Exception as exc:  # noqa: BLE001 - ImportError, OSError (missing libcudart), ...
+    except Exception as exc:  # noqa: BLE001 - NotBuiltError, OSError (missing libcudart), ...
         skipped = (BUILD_INFO or {}).get("skipped", {})
         if name in skipped:
             EXTENSION_STATUS[name] = f"not built: {skipped[name]}"
-        elif isinstance(exc, ModuleNotFoundError) and exc.name == f"cmpe_se_fused.{name}":
+        elif isinstance(exc, _loader.NotBuiltError):
             EXTENSION_STATUS[name] = ("not built" + ("" if BUILD_INFO else " (no build record: install with " +
                                                      REBUILD_HINT + ")"))
         else:

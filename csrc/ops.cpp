@@ -1,29 +1,18 @@
 // The op schemas of cmpe_se (docs/ARCHITECTURE.md; the strings here and FORWARD_SCHEMA /
-// BACKWARD_SCHEMA in cmpe_se_fused/ops.py must stay identical: unnamed returns, as there), the CPU
-// registrations, and the stub module so that `import cmpe_se_fused._C`
-// loads this library (and runs the registrations), as in pytorch/extension-cpp.
-#include <Python.h>
+// BACKWARD_SCHEMA in cmpe_se_fused/ops.py must stay identical: unnamed returns, as there) and the CPU
+// registrations. No Python: cmpe_se_fused/_loader.py loads this library with torch.ops.load_library, and so
+// can a process that never imports cmpe_se_fused, or a C++ program without libpython (docs/DEPLOY.md);
+// the static registrations below run when it is loaded.
 #include <torch/library.h>
 
 #include "cpu/cpu_ops.h"
 
 #include "cpu/kernels.h"
 
-namespace {
-// cmpe_se_fused._C.cpu_isa(): which build of the CPU kernels this machine runs ("avx2" or "default").
-PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(cmpe_se::cpu::isa_name()); }
-
-PyMethodDef methods[] = {
-    {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction-set build of the CPU kernels in use: 'avx2' or 'default'."},
-    {nullptr, nullptr, 0, nullptr}};
-}  // namespace
-
-extern "C" {
-// The ops themselves are reached through torch.ops.cmpe_se.*; importing this module registers them.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
-  return PyModule_Create(&module_def);
-}
+// Which build of the CPU kernels this machine runs: "avx2" or "default" (CMPE_SE_CPU_ISA chooses).
+// A plain C symbol so that it needs no Python module: cmpe_se_fused._C.cpu_isa() calls it through ctypes.
+extern "C" __attribute__((visibility("default"))) const char* cmpe_se_cpu_isa() {
+  return cmpe_se::cpu::isa_name();
 }
 
 TORCH_LIBRARY(cmpe_se, m) {

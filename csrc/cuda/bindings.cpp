@@ -1,7 +1,6 @@
 // CUDA bindings of cmpe_se::forward / cmpe_se::backward: the only CUDA-side file that sees
 // at::Tensor. Argument checks (naming the argument), device guard, current stream, layout
 // choice, workspace, launch configuration, dtype dispatch. Schemas live in csrc/ops.cpp.
-#include <Python.h>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -511,10 +510,5 @@ TORCH_LIBRARY_IMPL(cmpe_se, CUDA, m) {
   m.impl("backward", &cmpe_se::backward_cuda);
 }
 
-// `import cmpe_se_fused._C_cuda` loads this library (and the registrations above).
-extern "C" PyObject* PyInit__C_cuda(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C_cuda", "CMPE-SE CUDA kernels (registered as "
-                                   "torch.ops.cmpe_se.forward/backward for the CUDA key)", -1, nullptr,
-                                   nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&def);
-}
+// No Python module stub: cmpe_se_fused/_loader.py (or a deployment, docs/DEPLOY.md) loads this library with
+// torch.ops.load_library after _C, whose schemas the registrations above implement.
