@@ -203,6 +203,14 @@ def test_validation_and_backend_choice_run_once_per_shape(monkeypatch):
     assert m.pair_bn.num_batches_tracked.item() == 3
 
 
+def _fails_leaving_the_count(m, u, x, error):
+    """The call raises ``ValueError`` matching ``error`` and leaves ``num_batches_tracked`` as it was."""
+    count = m.pair_bn.num_batches_tracked.clone()
+    with pytest.raises(ValueError, match=error):
+        m(u, x)
+    assert torch.equal(m.pair_bn.num_batches_tracked, count)
+
+
 @needs_cpu
 @pytest.mark.parametrize("attr, value, error", [("backend", "bogus", "backend must be one of"),
                                                 ("padding", 1, "fc1_weight must have shape"),
@@ -215,10 +223,7 @@ def test_reassigning_a_layer_attribute(attr, value, error):
     u, x = _inputs()
     m(u, x)
     setattr(m, attr, value)
-    count = m.pair_bn.num_batches_tracked.clone()
-    with pytest.raises(ValueError, match=error):
-        m(u, x)
-    assert torch.equal(m.pair_bn.num_batches_tracked, count)
+    _fails_leaving_the_count(m, u, x, error)
 
 
 @needs_cpu
@@ -248,10 +253,7 @@ def test_a_weight_changed_in_place_behind_the_plan(name):
     w.data = w.data.float()  # castable: the full path casts it to float64, as for a fresh layer
     _check_against_full(m, u, x)
     w.data = torch.randn(*w.shape[:-1], w.shape[-1] + 1, dtype=torch.float64)
-    count = m.pair_bn.num_batches_tracked.clone()
-    with pytest.raises(ValueError, match="must have shape"):
-        m(u, x)
-    assert torch.equal(m.pair_bn.num_batches_tracked, count)
+    _fails_leaving_the_count(m, u, x, "must have shape")
 
 
 @needs_cpu
