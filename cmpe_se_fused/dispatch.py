@@ -165,20 +165,21 @@ def choose(backend: str, u: torch.Tensor) -> Backend:
     ``TRITON_INTERPRET``) and reused while the machine state it was made in (:func:`_machine_state`)
     is the same; :func:`clear_choice_cache` forgets them. Errors are not cached."""
     if torch.compiler.is_compiling():
-        return _choose(backend, u)
-    key = (backend, os.environ.get("CMPE_SE_BACKEND"), u.device, u.dtype, _interpreting())
-    state = _machine_state()
-    hit = _choices.get(key)
-    if hit is None or any(a is not b for a, b in zip(hit[2], state)):
-        hit = _choices[key] = (*_choose(backend, u, key), state)
-    name, why, _ = hit
+        name, why = _choose(backend, u)
+    else:
+        key = (backend, os.environ.get("CMPE_SE_BACKEND"), u.device, u.dtype, _interpreting())
+        state = _machine_state()
+        hit = _choices.get(key)
+        if hit is None or any(a is not b for a, b in zip(hit[2], state)):
+            hit = _choices[key] = (*_choose(backend, u), state)
+        name, why, _ = hit
     if why is not None:  # auto: log once per (device, dtype, backend), warn for a missing extension
         _report_choice(u.device.type, str(u.dtype), name, why)
     return BACKENDS[name]
 
 
-def _choose(backend: str, u: torch.Tensor, key=None):
-    """``choose`` without the cache: a Backend (``key`` None) or ``(name, log suffix or None)``."""
+def _choose(backend: str, u: torch.Tensor) -> tuple[str, str | None]:
+    """``choose`` without the cache: ``(name, auto's log suffix)``; the suffix is None for a named backend."""
     origin = ""
     if backend == "auto":
         backend = os.environ.get("CMPE_SE_BACKEND", "auto").strip() or "auto"
@@ -192,17 +193,13 @@ def _choose(backend: str, u: torch.Tensor, key=None):
         reasons = BACKENDS[backend].not_supported_reasons(u)
         if reasons:
             raise RuntimeError(f"cmpe_se backend {backend!r}{origin} cannot run this input: " + "; ".join(reasons))
-        return BACKENDS[backend] if key is None else (backend, None)
+        return backend, None
     order = AUTO_ORDER.get(u.device.type, ("reference",))
     skipped = []
     for name in order:
         reasons = BACKENDS[name].not_supported_reasons(u)
         if not reasons:
-            why = "".join(f"; {s}" for s in skipped)
-            if key is not None:
-                return name, why
-            _report_choice(u.device.type, str(u.dtype), name, why)
-            return BACKENDS[name]
+            return name, "".join(f"; {s}" for s in skipped)
         skipped.append(f"{name} skipped: {', '.join(reasons)}")
     raise RuntimeError("no cmpe_se backend can run this input: " + "; ".join(skipped))
 

@@ -68,15 +68,14 @@ def check_fold(mode, channels, fold_width, padding, *, default=16):
         shown = ", ".join(map(str, ok[:8])) + (", ..." if len(ok) > 8 else "")
         return f"valid fold widths for C={channels} with padding={padding}, nearest C/10 first: {shown}"
 
-    given = (f"got {fold_width!r} (the default fold_width, used when none is passed)" if fold_width == default
-             else f"got {fold_width!r}")
+    given = f"{fold_width!r}" + (" (the default fold_width, used when none is passed)" if fold_width == default else "")
     if not isinstance(fold_width, int) or fold_width < 1 or channels % fold_width:
-        raise ValueError(f"fold_width must be a positive divisor of the channel count {channels}, {given}; "
+        raise ValueError(f"fold_width must be a positive divisor of the channel count {channels}, got {given}; "
                          f"{valid_widths()}")
     hm, wm = map_shape(mode, channels, fold_width, padding)
     if hm < 1 or wm < 1:
         raise ValueError(f"fold too small for a 3x3 conv with padding={padding}: {2 * (channels // fold_width)} rows "
-                         f"x {fold_width} columns (needs >= 3 each with padding 0), fold_width {given[4:]}; lower "
+                         f"x {fold_width} columns (needs >= 3 each with padding 0), fold_width {given}; lower "
                          f"fold_width or use padding=1; {valid_widths()}")
     return fold_width, padding
 

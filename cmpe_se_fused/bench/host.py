@@ -246,6 +246,11 @@ def to_markdown(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _loadavg():
+    """The 1, 5 and 15 minute load averages as /proc/loadavg writes them (None where there is none)."""
+    return [f"{v:.2f}" for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def run(device="cpu", threads=1, rounds=5, blocks=30, block_s=0.001, out=None, backends=None) -> dict:
     device = torch.device(device)
     if threads:
@@ -253,9 +258,9 @@ def run(device="cpu", threads=1, rounds=5, blocks=30, block_s=0.001, out=None, b
     import cmpe_se_fused
     rows = build_rows(device, backends=backends)
     used = sorted({name.split("/")[0] for name in rows} - {"bn", "conv1x1", "eager3"})
-    load_before = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None
+    load_before = _loadavg()
     per_round = measure(rows, device, rounds, blocks, block_s)
-    load_after = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None
+    load_after = _loadavg()
     graphs = None
     if device.type == "cuda":
         graphs = {}

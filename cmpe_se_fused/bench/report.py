@@ -49,14 +49,17 @@ def fmt_spread(r) -> str | None:
     return f"\u00b1{50 * (max(reps) - min(reps)) / r['median_us']:.0f}%"
 
 
+def fmt_flags(r) -> str | None:
+    """``[busy,unstable,flip]``: the row's flags (None: none)."""
+    return "[" + ",".join(r["flags"]) + "]" if r.get("flags") else None
+
+
 def _cell(r) -> str:
     if r is None:
         return ""
     if r["status"] != "ok":
         return "skip" if r["status"] == "skipped" else "ERROR"
-    parts = [fmt_us(r["median_us"])]
-    if fmt_spread(r):
-        parts.append(fmt_spread(r))
+    parts = [fmt_us(r["median_us"]), fmt_spread(r)]
     if r.get("graph_us") is not None:
         parts.append(f"(graph {fmt_us(r['graph_us'])})")
     if r["provider"] != BASELINE:
@@ -64,9 +67,8 @@ def _cell(r) -> str:
     parts.append(fmt_pct(r.get("frac_floor")))
     if r.get("err_vs_eager") is not None and r.get("check") == "MISMATCH":
         parts.append("MISMATCH")
-    if r.get("flags"):
-        parts.append("[" + ",".join(r["flags"]) + "]")
-    return " ".join(parts)
+    parts.append(fmt_flags(r))
+    return " ".join(p for p in parts if p)
 
 
 def layer_table(rows) -> tuple[list[str], list[list[str]]]:
@@ -106,11 +108,7 @@ def e2e_table(rows) -> tuple[list[str], list[list[str]]]:
     lines = []
     for r in e2e:
         ok = r["status"] == "ok"
-        step = fmt_us(r["median_us"]) if ok else "ERROR"
-        if ok and fmt_spread(r):
-            step += " " + fmt_spread(r)
-        if ok and r.get("flags"):
-            step += " [" + ",".join(r["flags"]) + "]"
+        step = " ".join(p for p in (fmt_us(r["median_us"]), fmt_spread(r), fmt_flags(r)) if p) if ok else "ERROR"
         lines.append([r["net"], str(r["N"]), r["se_mode"], r["dtype"], r["layout"], r["provider"], step,
                       f"{r['images_per_s']:.3g}" if ok else "-",
                       "-" if r.get("overhead_vs_plain") is None else f"{100 * r['overhead_vs_plain']:+.1f}%",
