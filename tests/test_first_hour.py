@@ -326,14 +326,7 @@ def test_cpu_tables_have_no_memory_column(tmp_path):
 
 # -- item 7: num_batches_tracked under activation checkpointing ------------------------------------
 
-# The count moves before the kernel on the issue-23 branch (modules.py, with hostpath.py): until it is
-# merged, the non-reentrant case is an expected failure here (strict: it must fail), a test after.
-_COUNT_FIX_MERGED = (ROOT / "cmpe_se_fused" / "hostpath.py").exists()
-
-
-@pytest.mark.parametrize("use_reentrant", [pytest.param(False, marks=pytest.mark.xfail(
-    not _COUNT_FIX_MERGED, strict=True, reason="modules.py counts after the kernel until the issue-23 branch "
-    "is merged")), True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_checkpoint_counts_num_batches_tracked_like_batchnorm(use_reentrant, backend):
     """A training forward under torch.utils.checkpoint runs again in backward (non-reentrant:
