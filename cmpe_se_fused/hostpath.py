@@ -7,7 +7,9 @@ that nothing the plan recorded changed (the same weight and buffer objects, the 
 ``bn.momentum`` and ``bn.eps``, the same ``backend``/``mode``/``fold_width``/``padding``
 attributes, the same ``CMPE_SE_BACKEND`` and ``TRITON_INTERPRET``, no autocast, no torch.func
 transform, no new child hooks) and call the op with the recorded arguments. Anything else goes the
-full way (and may record a new plan).
+full way (and may record a new plan). An eval call that cannot need a gradient (``torch.no_grad()``,
+``torch.inference_mode()``) calls ``cmpe_se::infer``, the forward's ``y`` alone (same kernels, same
+bits), where the backend has it (cpu, cuda).
 
 Invalidated by: another shape, dtype or device of the inputs; ``module.to()`` / ``.cuda()`` /
 ``.double()`` (``CMPESE._apply``); replacing a parameter or buffer, or reassigning one of those
@@ -25,7 +27,7 @@ import os
 
 import torch
 
-from . import dispatch
+from . import dispatch, ops
 
 Tensor = torch.Tensor
 
@@ -41,6 +43,7 @@ def _none():
 
 
 _peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
+_is_grad_enabled = torch.is_grad_enabled
 _generation = dispatch._generation
 
 #: the environment variables the backend choice reads (dispatch.choose's cache key), read per call
@@ -62,7 +65,7 @@ class HostPlan:
     """What a successful full call of ``module`` established for inputs like ``u``."""
 
     __slots__ = ("generation", "shape", "dtype", "device", "device_type", "training", "dicts", "keys", "objs",
-                 "env", "hook_dicts", "backend", "op", "args", "counter")
+                 "env", "hook_dicts", "backend", "op", "args", "counter", "infer", "infer_args")
 
     def __init__(self, module, u, backend, weights, running):
         self.generation = dispatch.choice_generation()
@@ -102,6 +105,12 @@ class HostPlan:
         mom = 0.0 if momentum is None else float(momentum)
         self.args = (fc1_w, fc1_id_w, fc2_w, pair_w, bn_w, bn_b, rm, rv, module.mode, bool(self.training), mom,
                      float(eps), int(module.fold_width), int(module.padding))
+        # eval calls without grad mode: the inference op (y only), where the backend has one
+        infer = None if self.training else ops.INFER_OPS.get(self.backend)
+        self.infer = None if infer is None else getattr(infer, "_op", infer)
+        self.infer_args = (fc1_w, fc1_id_w, fc2_w, pair_w, bn_w, bn_b, rm if bn is not None else None,
+                           rv if bn is not None else None, module.mode, float(eps), int(module.fold_width),
+                           int(module.padding))
 
     def __reduce__(self):  # deepcopy / pickle of a layer carry no plan (it holds the op and live tensors)
         return (_none, ())
@@ -127,6 +136,8 @@ class HostPlan:
         if counter is not None:  # before the kernel, as nn.BatchNorm2d counts
             counter.add_(1)
         try:
+            if self.infer is not None and not _is_grad_enabled():
+                return self.infer(u, x, *self.infer_args)
             return self.op(u, x, *self.args)[0]
         except _OP_ERRORS:
             # a tensor changed in place (weight.data = ...): the op's checks ran before it wrote

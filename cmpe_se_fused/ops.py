@@ -6,6 +6,11 @@ Op pairs (see ``docs/ARCHITECTURE.md`` for the contract):
   kernels in ``_C``, CUDA kernels in ``_C_cuda``.
 * ``cmpe_se::triton_forward`` / ``cmpe_se::triton_backward``: same schemas, defined here, Triton
   kernels from :mod:`cmpe_se_fused.triton.streaming`.
+* ``cmpe_se::infer``: ``cmpe_se::forward(..., training=False)``'s ``y`` alone (``INFER_SCHEMA``; C++,
+  CPU and CUDA): nothing mutated, nothing saved, one output, so an inference call binds fewer
+  arguments and allocates and wraps six tensors less. The layer's call plans use it when no
+  gradient can be needed (``torch.is_grad_enabled()`` is false); its Autograd kernel raises when
+  an input requires grad.
 
 ``torch.library.register_autograd`` refuses ops that mutate an input (the running statistics),
 so each forward op gets an ``Autograd``-key kernel that redispatches below autograd (what
@@ -33,6 +38,12 @@ BACKWARD_SCHEMA = (
     "Tensor bn_mean, Tensor bn_invstd, Tensor fc1_weight, Tensor? fc1_identity_weight, Tensor fc2_weight, "
     "Tensor? pair_weight, Tensor? bn_weight, Tensor? bn_bias, str se_mode, bool training, int fold_width, "
     "int padding) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+INFER_SCHEMA = (
+    "(Tensor u, Tensor x, Tensor fc1_weight, Tensor? fc1_identity_weight, Tensor fc2_weight, "
+    "Tensor? pair_weight, Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, "
+    "str se_mode, float eps, int fold_width, int padding) -> Tensor"
 )
 
 #: what setup.py built, skipped and why, and the CUDA architectures (``_build_info.py`` is
@@ -151,6 +162,11 @@ def _fake_backward(grad_y, u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, 
             like(fc2_weight), like(pair_weight), like(bn_weight), like(bn_bias))
 
 
+def _fake_infer(u, x, fc1_weight, fc1_identity_weight, fc2_weight, pair_weight, bn_weight, bn_bias,
+                running_mean, running_var, mode, eps, fold_width, padding):
+    return torch.empty_like(u)
+
+
 # ---------------------------------------------------------------------------------------------
 # autograd
 # ---------------------------------------------------------------------------------------------
@@ -224,11 +240,15 @@ def _register(forward_name: str, backward_name: str):
 
 #: op pairs by backend name
 OPS: dict[str, tuple] = {}
+#: the inference op by backend name (backends without one run their forward op)
+INFER_OPS: dict[str, object] = {}
 _register("triton_forward", "triton_backward")
 OPS["triton"] = (torch.ops.cmpe_se.triton_forward.default, torch.ops.cmpe_se.triton_backward.default)
 if HAS_C:
     _register("forward", "backward")
     OPS["cpu"] = OPS["cuda"] = (torch.ops.cmpe_se.forward.default, torch.ops.cmpe_se.backward.default)
+    torch.library.register_fake("cmpe_se::infer", _fake_infer, lib=_lib)
+    INFER_OPS["cpu"] = INFER_OPS["cuda"] = torch.ops.cmpe_se.infer.default
 
 
 def schema_of(op_name: str) -> str:

@@ -39,6 +39,15 @@ const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
   return op;
 }
 
+using InferSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
+                       const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, std::string_view, double,
+                       int64_t, int64_t);
+
+const c10::TypedOperatorHandle<InferSig>& infer_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("cmpe_se::infer", "").typed<InferSig>();
+  return op;
+}
+
 const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("cmpe_se::backward", "").typed<BackwardSig>();
   return op;
@@ -135,7 +144,29 @@ Fwd7 forward_autograd(const Tensor& u, const Tensor& x, const Tensor& fc1, const
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
 }
 
+// cmpe_se::infer has no backward: a call that could need one raises instead of returning a y cut off from the graph.
+Tensor infer_autograd(const Tensor& u, const Tensor& x, const Tensor& fc1, const OptTensor& fc1_id, const Tensor& fc2,
+                      const OptTensor& pair_w, const OptTensor& bn_w, const OptTensor& bn_b, const OptTensor& running_mean,
+                      const OptTensor& running_var, std::string_view mode, double eps, int64_t fold_width,
+                      int64_t padding) {
+  if (at::GradMode::is_enabled()) {
+    for (const Tensor* t : {&u, &x, &fc1, &fc2})
+      TORCH_CHECK(!t->requires_grad(), "cmpe_se::infer: an input requires grad, but infer is the inference form of "
+                  "cmpe_se::forward and has no backward; call cmpe_se::forward (or run under torch.no_grad())");
+    for (const OptTensor* t : {&fc1_id, &pair_w, &bn_w, &bn_b})
+      TORCH_CHECK(!(t->has_value() && (*t)->requires_grad()), "cmpe_se::infer: an input requires grad, but infer is "
+                  "the inference form of cmpe_se::forward and has no backward; call cmpe_se::forward (or run under "
+                  "torch.no_grad())");
+  }
+  at::AutoDispatchBelowADInplaceOrView below;
+  return infer_op().call(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var, mode, eps, fold_width,
+                         padding);
+}
+
 }  // namespace
 }  // namespace cmpe_se
 
-TORCH_LIBRARY_IMPL(cmpe_se, Autograd, m) { m.impl("forward", &cmpe_se::forward_autograd); }
+TORCH_LIBRARY_IMPL(cmpe_se, Autograd, m) {
+  m.impl("forward", &cmpe_se::forward_autograd);
+  m.impl("infer", &cmpe_se::infer_autograd);
+}

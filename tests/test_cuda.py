@@ -46,7 +46,7 @@ def test_cuda_kernels_registered():
     if not glob.glob(os.path.join(ROOT, "cmpe_se_fused", "_C_cuda*.so")) and _import_cuda_ext() is not None:
         pytest.skip("cmpe_se_fused._C_cuda is not built")
     code = ("import torch, cmpe_se_fused._C, cmpe_se_fused._C_cuda\n"
-            "for op in ('cmpe_se::forward', 'cmpe_se::backward'):\n"
+            "for op in ('cmpe_se::forward', 'cmpe_se::backward', 'cmpe_se::infer'):\n"
             "    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, 'CUDA'), op\n"
             "    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, 'CPU'), op\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,

@@ -25,13 +25,13 @@ def test_host_bench_preset_from_the_cli(tmp_path):
     rows = {row["row"] for row in result["rows"]}
     for row in ("bn/eval_nograd", "bn/train_fwdbwd", "conv1x1/eval_inference", "eager3/inference",
                 "cpu/se/eval_nograd", "cpu/se/eval_inference", "cpu/se/train_fwd", "cpu/folded_3x3/train_fwdbwd",
-                "cpu/folded_3x3/bare_op"):
+                "cpu/folded_3x3/bare_op", "cpu/se/bare_infer", "cpu/folded_3x3/bare_infer"):
         assert row in rows, row
     assert all(row["median_us"] > 0 for row in result["rows"])
     ratios = {(r["row"], r["anchor"]) for r in result["ratios"]}
     assert ratios == {(f"cpu/{m}/{row}", anchor) for m in ("se", "folded_3x3") for row, anchor in
                       (("eval_nograd", "bn/eval_nograd"), ("train_fwdbwd", "bn/train_fwdbwd"),
-                       ("bare_op", "eager3/inference"))}
+                       ("bare_op", "eager3/inference"), ("bare_infer", "eager3/inference"))}
     assert len(result["env"]["load_before"]) == 3 and result["env"]["threads"] == 1
     assert "| cpu/se/bare_op / eager3/inference |" in (tmp_path / "host.md").read_text()
     assert "| cpu/se/bare_op / eager3/inference |" in r.stdout

@@ -9,7 +9,9 @@ so the machine's noise cancels, and reported as the median over rounds with thei
 
 Rows, per backend usable here (and per mode): module eval forward under ``no_grad`` and under
 ``inference_mode``, training forward, training forward+backward through the module and autograd,
-and the bare forward op (``torch.ops.cmpe_se.forward`` below autograd). On a GPU the same rows
+the bare forward op (``torch.ops.cmpe_se.forward`` below autograd, eval: seven outputs) and, where the
+install has it, the bare inference op (``torch.ops.cmpe_se.infer``: ``y`` alone, what an eval call
+under ``no_grad`` replays). On a GPU the same rows
 also get their CUDA-graph replay time (the device floor), so host and device time stand side by
 side.
 
@@ -35,7 +37,7 @@ SHAPE = (2, 64, 4, 4)
 MODES = {"se": {}, "folded_3x3": {"fold_width": 8}}
 #: the ratios the issue sets targets for: (row, anchor row)
 TARGETS = (("{b}/{m}/eval_nograd", "bn/eval_nograd"), ("{b}/{m}/train_fwdbwd", "bn/train_fwdbwd"),
-           ("{b}/{m}/bare_op", "eager3/inference"))
+           ("{b}/{m}/bare_op", "eager3/inference"), ("{b}/{m}/bare_infer", "eager3/inference"))
 
 
 def _backends(device: torch.device) -> list[str]:
@@ -49,8 +51,9 @@ def _backends(device: torch.device) -> list[str]:
     return out
 
 
-def _bare_op(layer, u, x, backend):
-    """``torch.ops.cmpe_se.<forward>`` with the layer's weights, called below autograd (eval)."""
+def _bare_op(layer, u, x, backend, infer=False):
+    """``torch.ops.cmpe_se.<forward>`` with the layer's weights, called below autograd (eval); with
+    ``infer``, ``torch.ops.cmpe_se.infer`` (the same call without the saved outputs)."""
     op = torch.ops.cmpe_se.triton_forward.default if backend == "triton" else torch.ops.cmpe_se.forward.default
     acc = torch.float64 if u.dtype == torch.float64 else torch.float32
     w = lambda name: None if getattr(layer, name, None) is None else getattr(layer, name).weight.detach().to(acc)  # noqa: E731
@@ -62,6 +65,9 @@ def _bare_op(layer, u, x, backend):
             bn.bias.detach() if pair else None, bn.running_mean if pair else empty,
             bn.running_var if pair else empty, layer.mode, False, 0.1, float(bn.eps) if pair else 1e-5,
             int(layer.fold_width), int(layer.padding))
+    if infer:
+        op = torch.ops.cmpe_se.infer.default
+        args = args[:8] + ((args[8], args[9]) if pair else (None, None)) + (layer.mode,) + args[13:]
 
     def run():
         with torch.inference_mode():
@@ -120,6 +126,8 @@ def build_rows(device: torch.device, dtype=torch.float32, backends=None) -> dict
             rows.update(_module_rows(f"{backend}/{mode}", layer, (u, x), g))
             if backend != "reference":
                 rows[f"{backend}/{mode}/bare_op"] = (_bare_op(layer, u, x, backend), None, False)
+            if backend in ("cpu", "cuda") and hasattr(torch.ops.cmpe_se, "infer"):
+                rows[f"{backend}/{mode}/bare_infer"] = (_bare_op(layer, u, x, backend, infer=True), None, False)
     return rows
 
 

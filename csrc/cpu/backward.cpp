@@ -27,7 +27,7 @@ struct BwdArgs {
   bool dy_bcast = false;                            // dY constant over H, W: read from dyb instead of dyc
   at::Tensor dyb;                                   // [N, C] in acc: dY at pixel 0 (dy_bcast)
   at::Tensor pool_u, pool_x, gate, hidden;          // contiguous, acc
-  at::Tensor fc1, fc1_id, W2T;
+  at::Tensor fc1, fc1_id, fc2;                      // contiguous, acc (fc2 transposed per call)
   PairGeom pv;
   PairFilters filt;
   at::Tensor d_fc1, d_fc1_id, d_fc2, d_pair, d_bn_w, d_bn_b;
@@ -112,7 +112,8 @@ void run(BwdArgs& a) {
   const A* hid = a.hidden.data_ptr<A>();
   const A* W1 = a.fc1.data_ptr<A>();
   const A* W1i = g.mode == Mode::kDoubleFC ? a.fc1_id.data_ptr<A>() : nullptr;
-  const A* W2T = a.W2T.data_ptr<A>();
+  const Buffer<A> w2t = transposed(a.fc2.data_ptr<A>(), C, R);
+  const A* W2T = w2t.data();
   const int64_t K = a.pv.K, D = a.pv.D;
   const int64_t img_size = a.pv.Hp * a.pv.Wp;
 
@@ -286,7 +287,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   a.hidden = hidden.contiguous();
   a.fc1 = fc1_weight.contiguous();
   if (g.mode == Mode::kDoubleFC) a.fc1_id = fc1_identity_weight->contiguous();
-  a.W2T = fc2_weight.t().contiguous();
+  a.fc2 = fc2_weight.contiguous();
   a.training = training;
   const auto opts = u.options().dtype(g.acc).memory_format(at::MemoryFormat::Contiguous);
   a.d_fc1 = at::empty_like(a.fc1);

@@ -34,11 +34,13 @@ struct Output {
   void finish() { if (!buf.is_same(out)) out.copy_(buf); }
 };
 
+// Every element of t, in memory order of its contiguous form, as doubles (t is small: weights, statistics).
 inline std::vector<double> to_doubles(const at::Tensor& t) {
-  std::vector<double> v(t.numel());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "cmpe_se_read", [&] {
-    auto a = t.accessor<scalar_t, 1>();
-    for (int64_t i = 0; i < t.numel(); ++i) v[i] = static_cast<double>(a[i]);
+  const at::Tensor c = t.contiguous();
+  std::vector<double> v(c.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "cmpe_se_read", [&] {
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<double>(p[i]);
   });
   return v;
 }
@@ -71,7 +73,7 @@ inline PairFilters load_filters(const at::Tensor& pair_w, const at::Tensor& bn_w
   PairFilters f;
   f.e = pair_w.size(0);
   f.K = pair_w.numel() / f.e;
-  f.w = to_doubles(pair_w.reshape({-1}));
+  f.w = to_doubles(pair_w);  // [e][K], row-major
   f.gamma = to_doubles(bn_w);
   f.beta = to_doubles(bn_b);
   return f;
@@ -85,6 +87,16 @@ struct Buffer {
   A* data() const { return p.get(); }
   A& operator[](int64_t i) const { return p[i]; }
 };
+
+// W^T of a row-major [rows, cols] matrix, as a [cols, rows] work buffer (cheaper than an ATen copy at the
+// small sizes of the excitation weights, where a transposing at::Tensor copy costs microseconds)
+template <class A>
+Buffer<A> transposed(const A* W, int64_t rows, int64_t cols) {
+  Buffer<A> t(rows * cols);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) t[j * rows + i] = W[i * cols + j];
+  return t;
+}
 
 template <class A> std::vector<A> cast_vec(const std::vector<double>& v) { return std::vector<A>(v.begin(), v.end()); }
 

@@ -15,13 +15,15 @@ namespace {
 struct FwdArgs {
   Config g;
   at::Tensor uc, xc, y;           // dense in the kernel layout
-  at::Tensor fc1, fc1_id, W2T;    // contiguous, acc; W2T = fc2_weight^T [R, C]
+  at::Tensor fc1, fc1_id, fc2;    // contiguous, acc (fc2 is transposed per call into a work buffer)
   PairGeom pv;
   PairFilters filt;
   at::Tensor running_mean, running_var;
   bool training = false;
   double momentum = 0.1, eps = 1e-5;
-  at::Tensor pool_u, pool_x, gate, hidden, bn_mean, bn_invstd;
+  // the saved outputs (acc): the returned tensors of cmpe_se::forward, or a work buffer of cmpe_se::infer
+  void *pool_u = nullptr, *pool_x = nullptr, *gate = nullptr, *hidden = nullptr, *bn_mean = nullptr,
+       *bn_invstd = nullptr;
 };
 
 // Training-mode BN statistics from the centred patch moments (mu_i = w_i . mq, var_i = w_i' Cov w_i),
@@ -37,8 +39,8 @@ void batch_statistics(FwdArgs& a, const A* c2, const std::vector<double>& mq) {
   std::vector<double> var(e);
   a.filt.mu.assign(e, 0.0);
   a.filt.invstd.assign(e, 0.0);
-  A* mean_out = a.bn_mean.data_ptr<A>();
-  A* invstd_out = a.bn_invstd.data_ptr<A>();
+  A* mean_out = static_cast<A*>(a.bn_mean);
+  A* invstd_out = static_cast<A*>(a.bn_invstd);
   for (int64_t i = 0; i < e; ++i) {
     const double* w = a.filt.w.data() + i * K;
     double mu = 0.0, v = 0.0;
@@ -70,8 +72,8 @@ template <class A>
 void running_statistics(FwdArgs& a) {
   const int64_t e = a.filt.e;
   const std::vector<double> rm = to_doubles(a.running_mean), rv = to_doubles(a.running_var);
-  A* mean_out = a.bn_mean.data_ptr<A>();
-  A* invstd_out = a.bn_invstd.data_ptr<A>();
+  A* mean_out = static_cast<A*>(a.bn_mean);
+  A* invstd_out = static_cast<A*>(a.bn_invstd);
   a.filt.mu.assign(e, 0.0);
   a.filt.invstd.assign(e, 0.0);
   for (int64_t i = 0; i < e; ++i) {
@@ -93,13 +95,14 @@ void run(FwdArgs& a) {
   const S* u = static_cast<const S*>(a.uc.data_ptr());
   const S* x = static_cast<const S*>(a.xc.data_ptr());
   S* y = static_cast<S*>(a.y.data_ptr());
-  A* pu = a.pool_u.data_ptr<A>();
-  A* px = a.pool_x.data_ptr<A>();
-  A* gt = a.gate.data_ptr<A>();
-  A* hid = a.hidden.data_ptr<A>();
+  A* pu = static_cast<A*>(a.pool_u);
+  A* px = static_cast<A*>(a.pool_x);
+  A* gt = static_cast<A*>(a.gate);
+  A* hid = static_cast<A*>(a.hidden);
   const A* W1 = a.fc1.data_ptr<A>();
   const A* W1i = g.mode == Mode::kDoubleFC ? a.fc1_id.data_ptr<A>() : nullptr;
-  const A* W2T = a.W2T.data_ptr<A>();
+  const Buffer<A> w2t = transposed(a.fc2.data_ptr<A>(), C, R);
+  const A* W2T = w2t.data();
   const int64_t K = a.pv.K, D = a.pv.D;
   const int64_t img_size = a.pv.Hp * a.pv.Wp;
   std::vector<A> w_eff;
@@ -173,14 +176,12 @@ void run(FwdArgs& a) {
   });
 }
 
-}  // namespace
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward(
-    const Tensor& u, const Tensor& x, const Tensor& fc1_weight, const OptTensor& fc1_identity_weight,
-    const Tensor& fc2_weight, const OptTensor& pair_weight, const OptTensor& bn_weight, const OptTensor& bn_bias,
-    Tensor& running_mean, Tensor& running_var, std::string_view mode, bool training, double momentum, double eps,
-    int64_t fold_width, int64_t padding) {
-  const char* op = "cmpe_se::forward";
+// The checks and the set-up both ops share; the saved outputs are left to the caller.
+FwdArgs prepare(const char* op, const Tensor& u, const Tensor& x, const Tensor& fc1_weight,
+                const OptTensor& fc1_identity_weight, const Tensor& fc2_weight, const OptTensor& pair_weight,
+                const OptTensor& bn_weight, const OptTensor& bn_bias, const Tensor* running_mean,
+                const Tensor* running_var, std::string_view mode, bool training, double momentum, double eps,
+                int64_t fold_width, int64_t padding) {
   FwdArgs a;
   a.g = check_activations(op, "u", u, "x", x);
   Config& g = a.g;
@@ -189,8 +190,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward(
                 fold_width, padding);
   const bool pair = is_pair(g.mode);
   if (pair) {
-    check_running(op, "running_mean", running_mean, g);
-    check_running(op, "running_var", running_var, g);
+    TORCH_CHECK(running_mean != nullptr, op, ": running_mean is required in mode '", mode, "'");
+    TORCH_CHECK(running_var != nullptr, op, ": running_var is required in mode '", mode, "'");
+    check_running(op, "running_mean", *running_mean, g);
+    check_running(op, "running_var", *running_var, g);
     TORCH_CHECK(!training || g.N * g.Dz > 1, op, ": pair_bn: expected more than 1 value per filter in training mode,"
                 " got ", g.N * g.Dz, " (batch ", g.N, " x ", g.Dz, " map positions)");
   }
@@ -198,31 +201,94 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward(
   const at::MemoryFormat mf = layout_of(g);
   a.uc = u.contiguous(mf);
   a.xc = x.contiguous(mf);
-  Output y(u, mf);
-  a.y = y.buf;
-  const auto opts = u.options().dtype(g.acc).memory_format(at::MemoryFormat::Contiguous);
-  a.pool_u = at::empty({g.N, g.C}, opts);
-  a.pool_x = at::empty({g.N, g.C}, opts);
-  a.gate = at::empty({g.N, g.C}, opts);
-  a.hidden = at::empty({g.N, g.R}, opts);
-  a.bn_mean = at::empty({pair ? g.e : 0}, opts);
-  a.bn_invstd = at::empty({pair ? g.e : 0}, opts);
   a.fc1 = fc1_weight.contiguous();
   if (g.mode == Mode::kDoubleFC) a.fc1_id = fc1_identity_weight->contiguous();
-  a.W2T = fc2_weight.t().contiguous();
+  a.fc2 = fc2_weight.contiguous();
   if (pair) {
     a.pv = make_pair_geom(g.mode, g.C, g.fold, g.pad);
     a.filt = load_filters(*pair_weight, *bn_weight, *bn_bias);
-    a.running_mean = running_mean;
-    a.running_var = running_var;
+    a.running_mean = *running_mean;
+    a.running_var = *running_var;
   }
   a.training = training;
   a.momentum = momentum;
   a.eps = eps;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "cmpe_se_forward_cpu",
+  return a;
+}
+
+// Element counts of the saved outputs, in the order cmpe_se::infer lays them out in one work buffer.
+struct SavedSizes {
+  int64_t nc, nr, e;
+  explicit SavedSizes(const Config& g) : nc(g.N * g.C), nr(g.N * g.R), e(is_pair(g.mode) ? g.e : 0) {}
+  int64_t total() const { return 3 * nc + nr + 2 * e; }
+};
+
+void point_saved(FwdArgs& a, char* base, size_t elem) {
+  const SavedSizes n(a.g);
+  size_t off = 0;
+  auto next = [&](int64_t count) {
+    void* p = base + off * elem;
+    off += static_cast<size_t>(count);
+    return p;
+  };
+  a.pool_u = next(n.nc);
+  a.pool_x = next(n.nc);
+  a.gate = next(n.nc);
+  a.hidden = next(n.nr);
+  a.bn_mean = next(n.e);
+  a.bn_invstd = next(n.e);
+}
+
+void dispatch_run(FwdArgs& a, at::ScalarType st) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "cmpe_se_forward_cpu",
                                   [&] { run<typename StorageOf<scalar_t>::type>(a); });
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward(
+    const Tensor& u, const Tensor& x, const Tensor& fc1_weight, const OptTensor& fc1_identity_weight,
+    const Tensor& fc2_weight, const OptTensor& pair_weight, const OptTensor& bn_weight, const OptTensor& bn_bias,
+    Tensor& running_mean, Tensor& running_var, std::string_view mode, bool training, double momentum, double eps,
+    int64_t fold_width, int64_t padding) {
+  FwdArgs a = prepare("cmpe_se::forward", u, x, fc1_weight, fc1_identity_weight, fc2_weight, pair_weight, bn_weight,
+                      bn_bias, &running_mean, &running_var, mode, training, momentum, eps, fold_width, padding);
+  const Config& g = a.g;
+  Output y(u, layout_of(g));
+  a.y = y.buf;
+  // the six saved outputs: separate allocations (outputs sharing a storage count as aliasing to opcheck)
+  const auto opts = u.options().dtype(g.acc).memory_format(at::MemoryFormat::Contiguous);
+  const int64_t e = is_pair(g.mode) ? g.e : 0;
+  Tensor pool_u = at::empty({g.N, g.C}, opts), pool_x = at::empty({g.N, g.C}, opts), gate = at::empty({g.N, g.C}, opts),
+         hidden = at::empty({g.N, g.R}, opts), bn_mean = at::empty({e}, opts), bn_invstd = at::empty({e}, opts);
+  a.pool_u = pool_u.data_ptr();
+  a.pool_x = pool_x.data_ptr();
+  a.gate = gate.data_ptr();
+  a.hidden = hidden.data_ptr();
+  a.bn_mean = bn_mean.data_ptr();
+  a.bn_invstd = bn_invstd.data_ptr();
+  dispatch_run(a, u.scalar_type());
   y.finish();
-  return {y.out, a.pool_u, a.pool_x, a.gate, a.hidden, a.bn_mean, a.bn_invstd};
+  return {y.out, std::move(pool_u), std::move(pool_x), std::move(gate), std::move(hidden), std::move(bn_mean),
+          std::move(bn_invstd)};
+}
+
+Tensor infer(const Tensor& u, const Tensor& x, const Tensor& fc1_weight, const OptTensor& fc1_identity_weight,
+             const Tensor& fc2_weight, const OptTensor& pair_weight, const OptTensor& bn_weight,
+             const OptTensor& bn_bias, const OptTensor& running_mean, const OptTensor& running_var,
+             std::string_view mode, double eps, int64_t fold_width, int64_t padding) {
+  FwdArgs a = prepare("cmpe_se::infer", u, x, fc1_weight, fc1_identity_weight, fc2_weight, pair_weight, bn_weight,
+                      bn_bias, present(running_mean) ? &*running_mean : nullptr,
+                      present(running_var) ? &*running_var : nullptr, mode, false, 0.0, eps, fold_width, padding);
+  Output y(u, layout_of(a.g));
+  a.y = y.buf;
+  // the saved outputs of cmpe_se::forward, computed the same way, into a work buffer
+  const size_t elem = a.g.acc == at::kDouble ? sizeof(double) : sizeof(float);
+  Buffer<double> work((SavedSizes(a.g).total() * elem + sizeof(double) - 1) / sizeof(double));
+  point_saved(a, reinterpret_cast<char*>(work.data()), elem);
+  dispatch_run(a, u.scalar_type());
+  y.finish();
+  return y.out;
 }
 
 }  // namespace cpu

@@ -418,6 +418,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
   return {y, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd};
 }
 
+// cmpe_se::infer: the forward in evaluation mode, y only (the same kernels, so the same bits as forward's y)
+Tensor infer_cuda(const Tensor& u, const Tensor& x, const Tensor& fc1_weight, const OptTensor& fc1_identity_weight,
+                  const Tensor& fc2_weight, const OptTensor& pair_weight, const OptTensor& bn_weight,
+                  const OptTensor& bn_bias, const OptTensor& running_mean, const OptTensor& running_var,
+                  std::string_view mode_s, double eps, int64_t fold_width, int64_t padding) {
+  const bool pair = is_pair_mode(parse_mode(mode_s));
+  TORCH_CHECK(!pair || (running_mean.has_value() && running_var.has_value()), "cmpe_se::infer (CUDA): running_mean "
+              "and running_var are required in mode '", mode_s, "'");
+  Tensor rm = running_mean.has_value() ? *running_mean : at::empty({0}, fc1_weight.options());
+  Tensor rv = running_var.has_value() ? *running_var : at::empty({0}, fc1_weight.options());
+  return std::get<0>(forward_cuda(u, x, fc1_weight, fc1_identity_weight, fc2_weight, pair_weight, bn_weight, bn_bias,
+                                  rm, rv, mode_s, false, 0.0, eps, fold_width, padding));
+}
+
 // ---- backward ----------------------------------------------------------------------------
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cuda(
     const Tensor& grad_y, const Tensor& u, const Tensor& pool_u, const Tensor& pool_x, const Tensor& gate,
@@ -508,6 +522,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
 TORCH_LIBRARY_IMPL(cmpe_se, CUDA, m) {
   m.impl("forward", &cmpe_se::forward_cuda);
   m.impl("backward", &cmpe_se::backward_cuda);
+  m.impl("infer", &cmpe_se::infer_cuda);
 }
 
 // No Python module stub: cmpe_se_fused/_loader.py (or a deployment, docs/DEPLOY.md) loads this library with

@@ -17,8 +17,8 @@ used when installed, which makes restoring the original sources nearly free). Th
 from the working tree (tracked and untracked-but-not-ignored files) at every start.
 
 Kinds (what a mutant of each kind rebuilds and runs):
-  cpu     csrc/cpu/*            rebuild _C in the scratch copy; tests/test_cpu_kernels.py, test_ops.py
-                                (-k "not compile and not baseline_isa")
+  cpu     csrc/cpu/*, csrc/*.cpp rebuild _C in the scratch copy; tests/test_cpu_kernels.py, test_ops.py,
+                                test_infer.py (-k "not compile and not baseline_isa")
   emu     csrc/kernels/*.cuh    nothing to prebuild; tests/test_cuda.py -k emulated (the emulator)
   triton  cmpe_se_fused/*triton* nothing; tests/test_triton.py under TRITON_INTERPRET=1
 
@@ -43,7 +43,8 @@ from mutants import MUTANTS  # noqa: E402
 KINDS = {
     # (not the torch.compile tests, nor the baseline-ISA rerun in a subprocess: slow, and they test the
     # op layer / the build, not the kernel arithmetic, which both ISA builds share)
-    "cpu": {"tests": ["test_cpu_kernels.py", "test_ops.py"], "args": ["-k", "not compile and not baseline_isa"],
+    "cpu": {"tests": ["test_cpu_kernels.py", "test_ops.py", "test_infer.py"],
+            "args": ["-k", "not compile and not baseline_isa"],
             "env": {}},
     "emu": {"tests": ["test_cuda.py"], "args": ["-k", "emulated"], "env": {}},
     # (the interpreter is slow: the arithmetic tests only, not opcheck / determinism / the tuning sweep)
