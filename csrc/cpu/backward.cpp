@@ -36,9 +36,9 @@ struct BwdArgs {
 // Pair-view sums of one batch, per sample (fixed-order reduction afterwards).
 template <class A>
 struct PairSums {
-  std::vector<double> S0;  // [N]: sum_d dv
-  std::vector<A> S1;       // [N][K]: sum_d dv * (q_k - mq_k)
-  std::vector<A> c2;       // [N][K][K]: sum_d (q - mq)(q - mq)' (training only)
+  SmallVec<double> S0;  // [N]: sum_d dv
+  SmallVec<A> S1;       // [N][K]: sum_d dv * (q_k - mq_k)
+  SmallVec<A> c2;       // [N][K][K]: sum_d (q - mq)(q - mq)' (training only)
 };
 
 // BN + pair-conv backward in closed form. With Qc = q - mq, t_i = w_i.mq - mu_i, db = dv/e:
@@ -49,13 +49,13 @@ struct PairSums {
 //   eval:     dq = dv w_eff,  dw_i = g_i s_i (S1 + S0 mq) / e
 // (s_i = invstd_i, g_i = gamma_i; S0, S1, Cov summed over the batch.) Returns cvec and B (training).
 template <class A>
-void pair_gradients(BwdArgs& a, const PairSums<A>& ps, const std::vector<double>& mq, std::vector<A>& cvec,
-                    std::vector<A>& B) {
+void pair_gradients(BwdArgs& a, const PairSums<A>& ps, const SmallVec<double>& mq, SmallVec<A>& cvec,
+                    SmallVec<A>& B) {
   const PairFilters& f = a.filt;
   const int64_t e = f.e, K = f.K, N = a.g.N;
   const double M = static_cast<double>(N) * a.pv.D;
   double S0 = 0.0;
-  std::vector<double> S1(K, 0.0), cov(K * K, 0.0), cv(K, 0.0), Bd(K * K, 0.0);
+  SmallVec<double> S1(K, 0.0), cov(K * K, 0.0), cv(K, 0.0), Bd(K * K, 0.0);
   for (int64_t n = 0; n < N; ++n) {
     S0 += ps.S0[n];
     for (int64_t k = 0; k < K; ++k) S1[k] += ps.S1[n * K + k];
@@ -112,15 +112,16 @@ void run(BwdArgs& a) {
   const A* hid = a.hidden.data_ptr<A>();
   const A* W1 = a.fc1.data_ptr<A>();
   const A* W1i = g.mode == Mode::kDoubleFC ? a.fc1_id.data_ptr<A>() : nullptr;
-  const Buffer<A> w2t = transposed(a.fc2.data_ptr<A>(), C, R);
+  Buffer<A> w2t(C * R);
+  transpose_into(a.fc2.data_ptr<A>(), C, R, w2t.data());
   const A* W2T = w2t.data();
   const int64_t K = a.pv.K, D = a.pv.D;
   const int64_t img_size = a.pv.Hp * a.pv.Wp;
 
   Buffer<A> dg(N * C), dh(N * R), z(pair ? N * D : 0), dv(pair ? N * D : 0), Qc(pair ? N * K * D : 0);
   PairSums<A> ps;
-  std::vector<double> mq;
-  std::vector<A> mqA, w_eff, cvec(K, A(0)), B;
+  SmallVec<double> mq;
+  SmallVec<A> mqA, w_eff, cvec(K, A(0)), B;
   A b_eff = A(0);
   if (pair) {
     mq = patch_mean(a.pv, pu, px, N);

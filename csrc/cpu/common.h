@@ -35,9 +35,9 @@ struct Output {
 };
 
 // Every element of t, in memory order of its contiguous form, as doubles (t is small: weights, statistics).
-inline std::vector<double> to_doubles(const at::Tensor& t) {
+inline SmallVec<double> to_doubles(const at::Tensor& t) {
   const at::Tensor c = t.contiguous();
-  std::vector<double> v(c.numel());
+  SmallVec<double> v(c.numel());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "cmpe_se_read", [&] {
     const scalar_t* p = c.const_data_ptr<scalar_t>();
     for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<double>(p[i]);
@@ -49,12 +49,12 @@ inline std::vector<double> to_doubles(const at::Tensor& t) {
 // w = (1/e) sum_i gamma_i invstd_i w_i and b = (1/e) sum_i (beta_i + gamma_i invstd_i (w_i . mq - mu_i)).
 struct PairFilters {
   int64_t e = 0, K = 0;
-  std::vector<double> w, gamma, beta, mu, invstd;  // w: [e][K]
-  std::vector<double> t;                           // t_i = w_i . mq - mu_i
-  std::vector<double> w_eff;                       // [K]
+  SmallVec<double> w, gamma, beta, mu, invstd;  // w: [e][K]
+  SmallVec<double> t;                           // t_i = w_i . mq - mu_i
+  SmallVec<double> w_eff;                       // [K]
   double b_eff = 0.0;
 
-  void collapse(const std::vector<double>& mq) {
+  void collapse(const SmallVec<double>& mq) {
     t.assign(e, 0.0);
     w_eff.assign(K, 0.0);
     b_eff = 0.0;
@@ -79,26 +79,31 @@ inline PairFilters load_filters(const at::Tensor& pair_w, const at::Tensor& bn_w
   return f;
 }
 
-// An uninitialised work buffer (std::vector would zero-fill megabytes per call).
+// An uninitialised work buffer (std::vector would zero-fill megabytes per call). Up to kInline elements
+// live inside the object (on the stack: no allocation at the small sizes of a host-bound call), more on
+// the heap.
 template <class A>
 struct Buffer {
-  std::unique_ptr<A[]> p;
-  explicit Buffer(int64_t n) : p(new A[n > 0 ? n : 1]) {}
-  A* data() const { return p.get(); }
+  static constexpr int64_t kInline = 256;
+  A small[kInline];
+  std::unique_ptr<A[]> heap;
+  A* p;
+  explicit Buffer(int64_t n) : heap(n > kInline ? new A[n] : nullptr), p(n > kInline ? heap.get() : small) {}
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  A* data() const { return p; }
   A& operator[](int64_t i) const { return p[i]; }
 };
 
-// W^T of a row-major [rows, cols] matrix, as a [cols, rows] work buffer (cheaper than an ATen copy at the
-// small sizes of the excitation weights, where a transposing at::Tensor copy costs microseconds)
+// W^T of a row-major [rows, cols] matrix into t ([cols, rows]): cheaper than an ATen copy at the small
+// sizes of the excitation weights, where a transposing at::Tensor copy costs microseconds
 template <class A>
-Buffer<A> transposed(const A* W, int64_t rows, int64_t cols) {
-  Buffer<A> t(rows * cols);
+void transpose_into(const A* W, int64_t rows, int64_t cols, A* t) {
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) t[j * rows + i] = W[i * cols + j];
-  return t;
 }
 
-template <class A> std::vector<A> cast_vec(const std::vector<double>& v) { return std::vector<A>(v.begin(), v.end()); }
+template <class A> SmallVec<A> cast_vec(const SmallVec<double>& v) { return SmallVec<A>(v.begin(), v.end()); }
 
 }  // namespace cpu
 }  // namespace cmpe_se

@@ -29,14 +29,14 @@ struct FwdArgs {
 // Training-mode BN statistics from the centred patch moments (mu_i = w_i . mq, var_i = w_i' Cov w_i),
 // saved in acc; the running statistics are updated exactly like nn.BatchNorm2d.
 template <class A>
-void batch_statistics(FwdArgs& a, const A* c2, const std::vector<double>& mq) {
+void batch_statistics(FwdArgs& a, const A* c2, const SmallVec<double>& mq) {
   const int64_t e = a.filt.e, K = a.filt.K, N = a.g.N;
   const double M = static_cast<double>(N) * a.pv.D;
-  std::vector<double> cov(K * K, 0.0);
+  SmallVec<double> cov(K * K, 0.0);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t j = 0; j < K * K; ++j) cov[j] += c2[n * K * K + j];
   for (auto& v : cov) v /= M;
-  std::vector<double> var(e);
+  SmallVec<double> var(e);
   a.filt.mu.assign(e, 0.0);
   a.filt.invstd.assign(e, 0.0);
   A* mean_out = static_cast<A*>(a.bn_mean);
@@ -71,7 +71,7 @@ void batch_statistics(FwdArgs& a, const A* c2, const std::vector<double>& mq) {
 template <class A>
 void running_statistics(FwdArgs& a) {
   const int64_t e = a.filt.e;
-  const std::vector<double> rm = to_doubles(a.running_mean), rv = to_doubles(a.running_var);
+  const SmallVec<double> rm = to_doubles(a.running_mean), rv = to_doubles(a.running_var);
   A* mean_out = static_cast<A*>(a.bn_mean);
   A* invstd_out = static_cast<A*>(a.bn_invstd);
   a.filt.mu.assign(e, 0.0);
@@ -101,11 +101,12 @@ void run(FwdArgs& a) {
   A* hid = static_cast<A*>(a.hidden);
   const A* W1 = a.fc1.data_ptr<A>();
   const A* W1i = g.mode == Mode::kDoubleFC ? a.fc1_id.data_ptr<A>() : nullptr;
-  const Buffer<A> w2t = transposed(a.fc2.data_ptr<A>(), C, R);
+  Buffer<A> w2t(C * R);
+  transpose_into(a.fc2.data_ptr<A>(), C, R, w2t.data());
   const A* W2T = w2t.data();
   const int64_t K = a.pv.K, D = a.pv.D;
   const int64_t img_size = a.pv.Hp * a.pv.Wp;
-  std::vector<A> w_eff;
+  SmallVec<A> w_eff;
   A b_eff = A(0);
 
   auto excite = [&](int64_t n, const A* qc, A* z) {
@@ -128,8 +129,8 @@ void run(FwdArgs& a) {
       for (int64_t n = n0; n < n1; ++n)
         sk.squeeze(u + n * CP, x + n * CP, C, P, cl, pu + n * C, px + n * C, scratch.data());
     });
-    const std::vector<double> mq = patch_mean(a.pv, pu, px, N);
-    const std::vector<A> mqA = cast_vec<A>(mq);
+    const SmallVec<double> mq = patch_mean(a.pv, pu, px, N);
+    const SmallVec<A> mqA = cast_vec<A>(mq);
     Buffer<A> Qc(N * K * D), c2(N * K * K);
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
       Buffer<A> img(img_size);
@@ -153,10 +154,10 @@ void run(FwdArgs& a) {
     return;
   }
 
-  const std::vector<A> zeros(K, A(0));
+  const SmallVec<A> zeros(K, A(0));
   if (pair) {
     running_statistics<A>(a);
-    a.filt.collapse(std::vector<double>(K, 0.0));
+    a.filt.collapse(SmallVec<double>(K, 0.0));
     w_eff = cast_vec<A>(a.filt.w_eff);
     b_eff = static_cast<A>(a.filt.b_eff);
   }

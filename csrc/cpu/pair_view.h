@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/small_vec.h"
 
 namespace cmpe_se {
 namespace cpu {
@@ -40,8 +41,8 @@ inline PairGeom make_pair_geom(Mode mode, int64_t C, int64_t m, int64_t pad) {
 
 // mq[k]: the batch mean of tap k = the mean over map positions of the batch-mean image (double).
 template <class A>
-std::vector<double> patch_mean(const PairGeom& g, const A* pu, const A* px, int64_t N) {
-  std::vector<double> mean_u(g.C, 0.0), mean_x(g.C, 0.0), img(g.Hp * g.Wp, 0.0), mq(g.K, 0.0);
+SmallVec<double> patch_mean(const PairGeom& g, const A* pu, const A* px, int64_t N) {
+  SmallVec<double> mean_u(g.C, 0.0), mean_x(g.C, 0.0), img(g.Hp * g.Wp, 0.0), mq(g.K, 0.0);
   if (N == 0 || g.D == 0) return mq;
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < g.C; ++c) {
