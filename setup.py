@@ -1,9 +1,12 @@
 """Build script for cmpe_se_fused.
 
-Builds two compiled extensions against the torch that is installed (build with
+Builds three compiled extensions against the torch that is installed (build with
 ``--no-build-isolation``):
 
-* ``cmpe_se_fused._C``      op schemas + fused CPU kernels (``csrc/ops.cpp``, ``csrc/cpu/*.cpp``)
+* ``cmpe_se_fused._C``      op schemas + fused CPU kernels (``csrc/ops.cpp``, ``csrc/cpu/*.cpp``); a plain
+  shared library without CPython API (docs/DEPLOY.md)
+* ``cmpe_se_fused._fastpath`` the C++ entry of the layers' call plans (``csrc/fastpath.cpp``, a Python
+  extension module; built and skipped with ``_C``)
 * ``cmpe_se_fused._C_cuda`` CUDA kernels (``csrc/cuda/*.cu``, ``csrc/cuda/*.cpp``), built when
   nvcc and a CUDA build of torch are present and the build wants CUDA: a GPU is visible at build
   time, or ``FORCE_CUDA=1``, or ``TORCH_CUDA_ARCH_LIST`` is given (the detectron2 / mmcv /
@@ -106,9 +109,9 @@ def extension_plan(torch_mod, cuda_home, env=None, root=ROOT):
     env = os.environ if env is None else env
     skipped = {}
     if _flag("CMPE_SE_SKIP_CPP_BUILD", env):
-        return [], {n: "CMPE_SE_SKIP_CPP_BUILD is set" for n in ("_C", "_C_cuda")}
+        return [], {n: "CMPE_SE_SKIP_CPP_BUILD is set" for n in ("_C", "_fastpath", "_C_cuda")}
     if torch_mod is None:
-        return [], {n: NO_TORCH for n in ("_C", "_C_cuda")}
+        return [], {n: NO_TORCH for n in ("_C", "_fastpath", "_C_cuda")}
     rel = lambda pattern: sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, pattern)))  # noqa: E731
     cpp_sources = rel("csrc/ops.cpp") + rel("csrc/autograd.cpp") + rel("csrc/cpu/*.cpp")
     cuda_sources = rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
@@ -116,12 +119,15 @@ def extension_plan(torch_mod, cuda_home, env=None, root=ROOT):
     cxx = env.get("CXX", "c++")
     plan = []
     if shutil.which(cxx) is None:
-        skipped["_C"] = skipped["_C_cuda"] = f"no C++ compiler: {cxx!r} is not on PATH (set CXX or install g++)"
+        skipped["_C"] = skipped["_fastpath"] = skipped["_C_cuda"] = (f"no C++ compiler: {cxx!r} is not on PATH (set "
+                                                                      "CXX or install g++)")
         return plan, skipped
     if only == "cuda":
-        skipped["_C"] = "CMPE_SE_BUILD_ONLY=cuda"
+        skipped["_C"] = skipped["_fastpath"] = "CMPE_SE_BUILD_ONLY=cuda"
     else:
         plan.append(("_C", cpp_sources))
+        # the Python entry of the layers' call plans (a Python extension module; _C stays Python-free)
+        plan.append(("_fastpath", rel("csrc/fastpath.cpp")))
     if only == "cpu":
         skipped["_C_cuda"] = "CMPE_SE_BUILD_ONLY=cpu"
     elif _flag("CMPE_SE_SKIP_CUDA_BUILD", env):
@@ -272,6 +278,10 @@ def main():
                 ext_modules.append(CppExtension(f"{PACKAGE}._C", sources, include_dirs=include,
                                                 extra_compile_args={"cxx": CXX_FLAGS + debug_flags()},
                                                 extra_link_args=["-fopenmp"]))
+                continue
+            if name == "_fastpath":
+                ext_modules.append(CppExtension(f"{PACKAGE}._fastpath", sources, include_dirs=include,
+                                                extra_compile_args={"cxx": CXX_FLAGS_CUDA_HOST + debug_flags()}))
                 continue
             arch_list, source = resolve_arch_list(torch)
             if arch_list is not None:

@@ -9,7 +9,10 @@ attributes, the same ``CMPE_SE_BACKEND`` and ``TRITON_INTERPRET``, no autocast, 
 transform, no new child hooks) and call the op with the recorded arguments. Anything else goes the
 full way (and may record a new plan). An eval call that cannot need a gradient (``torch.no_grad()``,
 ``torch.inference_mode()``) calls ``cmpe_se::infer``, the forward's ``y`` alone (same kernels, same
-bits), where the backend has it (cpu, cuda).
+bits), where the backend has it (cpu, cuda). For those backends the replay calls the ops through
+``cmpe_se_fused._fastpath`` (``csrc/fastpath.cpp``): the recorded arguments held in C++, so a call
+binds two tensors instead of the op's 16 arguments; torch.ops when that module is not built or a
+torch function mode is active (it skips Python's ``__torch_function__`` handling).
 
 Invalidated by: another shape, dtype or device of the inputs; ``module.to()`` / ``.cuda()`` /
 ``.double()`` (``CMPESE._apply``); replacing a parameter or buffer, or reassigning one of those
@@ -29,6 +32,8 @@ import torch
 
 from . import dispatch, ops
 
+_fastpath = ops.FASTPATH  # None when not built (pure-Python install, CMPE_SE_BUILD_ONLY=cuda): torch.ops
+
 Tensor = torch.Tensor
 
 
@@ -44,6 +49,7 @@ def _none():
 
 _peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
 _is_grad_enabled = torch.is_grad_enabled
+_torch_function_mode = torch._C._is_torch_function_mode_enabled
 _generation = dispatch._generation
 
 #: the environment variables the backend choice reads (dispatch.choose's cache key), read per call
@@ -65,7 +71,7 @@ class HostPlan:
     """What a successful full call of ``module`` established for inputs like ``u``."""
 
     __slots__ = ("generation", "shape", "dtype", "device", "device_type", "training", "dicts", "keys", "objs",
-                 "env", "hook_dicts", "backend", "op", "args", "counter", "infer", "infer_args")
+                 "env", "hook_dicts", "backend", "op", "args", "counter", "infer", "infer_args", "fast")
 
     def __init__(self, module, u, backend, weights, running):
         self.generation = dispatch.choice_generation()
@@ -111,6 +117,8 @@ class HostPlan:
         self.infer_args = (fc1_w, fc1_id_w, fc2_w, pair_w, bn_w, bn_b, rm if bn is not None else None,
                            rv if bn is not None else None, module.mode, float(eps), int(module.fold_width),
                            int(module.padding))
+        # the same calls with the arguments held in C++ (cpu and cuda: cmpe_se::forward / cmpe_se::infer)
+        self.fast = _fastpath.Plan(*self.args) if _fastpath is not None and self.backend in ("cpu", "cuda") else None
 
     def __reduce__(self):  # deepcopy / pickle of a layer carry no plan (it holds the op and live tensors)
         return (_none, ())
@@ -136,7 +144,11 @@ class HostPlan:
         if counter is not None:  # before the kernel, as nn.BatchNorm2d counts
             counter.add_(1)
         try:
-            if self.infer is not None and not _is_grad_enabled():
+            infer = self.infer is not None and not _is_grad_enabled()
+            fast = self.fast
+            if fast is not None and not _torch_function_mode():
+                return fast.infer(u, x) if infer else fast.forward(u, x)
+            if infer:
                 return self.infer(u, x, *self.infer_args)
             return self.op(u, x, *self.args)[0]
         except _OP_ERRORS:

@@ -70,7 +70,7 @@ def _nvcc_present() -> bool:
 #: ``--require`` names besides the backend names (reference, cpu, triton, cuda: usable here)
 REQUIRE_EXTRA = {
     "cuda-build": "cmpe_se_fused._C_cuda is built and loads (no GPU needed)",
-    "built": "every extension this machine can build is built: _C, and _C_cuda where nvcc and a CUDA torch "
+    "built": "every extension this machine can build is built: _C and _fastpath, and _C_cuda where nvcc and a CUDA torch "
              "are present (unless the build opted out with CMPE_SE_SKIP_CUDA_BUILD / CMPE_SE_BUILD_ONLY, or "
              "skipped it because no GPU was visible and neither FORCE_CUDA=1 nor TORCH_CUDA_ARCH_LIST asked for it)",
 }
@@ -90,7 +90,7 @@ def requirement_failures(names: list[str]) -> list[str]:
             if reasons:
                 failures.append(f"backend {name!r} is unusable: " + "; ".join(reasons))
         elif name in ("cuda-build", "built"):
-            wanted = ["_C_cuda"] if name == "cuda-build" else ["_C"]
+            wanted = ["_C_cuda"] if name == "cuda-build" else ["_C", "_fastpath"]
             opted_out = ((ops.BUILD_INFO or {}).get("opted_out") or [])
             if name == "built" and torch.version.cuda and _nvcc_present() and "_C_cuda" not in opted_out:
                 wanted.append("_C_cuda")

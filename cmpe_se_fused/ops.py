@@ -82,6 +82,17 @@ HAS_C_CUDA = HAS_C and _try_import("_C_cuda")
 if not HAS_C:
     EXTENSION_STATUS.setdefault("_C_cuda", "needs cmpe_se_fused._C (the op schemas) first")
 
+#: the C++ entry of the layers' call plans (csrc/fastpath.cpp, a Python extension module), or None: then
+#: the plans call torch.ops (same results, more host time per call)
+FASTPATH = None
+if HAS_C:
+    try:
+        from . import _fastpath as FASTPATH
+        EXTENSION_STATUS["_fastpath"] = ""
+    except ImportError as _exc:
+        _why = (BUILD_INFO or {}).get("skipped", {}).get("_fastpath")
+        EXTENSION_STATUS["_fastpath"] = f"not built: {_why}" if _why else f"{type(_exc).__name__}: {_exc}"
+
 
 def _code_version(code: str) -> tuple[int, int, str]:
     """``sm_90a`` -> ``(9, 0, "a")``; ``compute_120`` -> ``(12, 0, "")``."""

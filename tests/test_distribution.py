@@ -99,19 +99,21 @@ def _torch_like(cuda: str | None):
 
 
 def test_build_plan_compiles_every_source():
-    """Every .cpp / .cu under csrc/ goes into exactly one extension: _C (ops + CPU kernels) or
-    _C_cuda (launchers + bindings); both are planned where a compiler, nvcc and a CUDA torch exist."""
+    """Every .cpp / .cu under csrc/ goes into exactly one extension: _C (ops + CPU kernels), _fastpath
+    (the call plans' entry) or _C_cuda (launchers + bindings); all are planned where a compiler, nvcc
+    and a CUDA torch exist."""
     setup = _load_setup()
     plan, skipped = setup.extension_plan(_torch_like("13.0"), "/opt/cuda", env={})
     assert skipped == {}
     sources = dict(plan)
-    assert set(sources) == {"_C", "_C_cuda"}
+    assert set(sources) == {"_C", "_fastpath", "_C_cuda"}
     on_disk = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*.c*"),
                                                                    recursive=True) if p.endswith((".cpp", ".cu")))
-    planned = sorted(sources["_C"] + sources["_C_cuda"])
+    planned = sorted(sources["_C"] + sources["_fastpath"] + sources["_C_cuda"])
     assert planned == on_disk
     assert all(s.startswith(("csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cpu/")) for s in sources["_C"])
     assert all(s.startswith("csrc/cuda/") for s in sources["_C_cuda"])
+    assert sources["_fastpath"] == ["csrc/fastpath.cpp"]
 
 
 def test_host_debug_info_is_off_unless_asked():
@@ -136,7 +138,7 @@ def _elf_sections(path):
     return {data[str_off + h[0]:data.index(b"\0", str_off + h[0])].decode() for h in headers}
 
 
-@pytest.mark.parametrize("name", ["_C", "_C_cuda"])
+@pytest.mark.parametrize("name", ["_C", "_fastpath", "_C_cuda"])
 def test_built_extension_has_no_host_debug_info(name):
     """What the default build installs: no DWARF in the extension (the -g0 above reached the
     compiler, after Python's -g). Skipped when that extension is not built here."""
@@ -154,10 +156,10 @@ def test_built_extension_has_no_host_debug_info(name):
     ("no nvcc", {}, "13.0", None, {"_C_cuda": "nvcc not found"}),
     ("CPU-only torch", {}, None, "/opt/cuda", {"_C_cuda": "CPU-only"}),
     ("no C++ compiler", {"CXX": "/nonexistent/g++"}, "13.0", "/opt/cuda",
-     {"_C": "no C++ compiler", "_C_cuda": "no C++ compiler"}),
+     {"_C": "no C++ compiler", "_fastpath": "no C++ compiler", "_C_cuda": "no C++ compiler"}),
     ("skip switch", {"CMPE_SE_SKIP_CUDA_BUILD": "1"}, "13.0", "/opt/cuda", {"_C_cuda": "CMPE_SE_SKIP_CUDA_BUILD"}),
     ("pure Python", {"CMPE_SE_SKIP_CPP_BUILD": "1"}, "13.0", "/opt/cuda",
-     {"_C": "CMPE_SE_SKIP_CPP_BUILD", "_C_cuda": "CMPE_SE_SKIP_CPP_BUILD"}),
+     {"_C": "CMPE_SE_SKIP_CPP_BUILD", "_fastpath": "CMPE_SE_SKIP_CPP_BUILD", "_C_cuda": "CMPE_SE_SKIP_CPP_BUILD"}),
 ])
 def test_missing_toolchain_skips_with_a_reason(case, env, torch_cuda, cuda_home, want):
     setup = _load_setup()

@@ -105,6 +105,7 @@ def test_errors_name_the_argument(index, name, match):
 
 
 def _count_infer(monkeypatch, plan):
+    """Count the plan's inference calls, whichever entry it takes (the C++ entry of _fastpath, or torch.ops)."""
     calls = []
     real = plan.infer
 
@@ -112,6 +113,17 @@ def _count_infer(monkeypatch, plan):
         calls.append(1)
         return real(*a)
     monkeypatch.setattr(plan, "infer", counted)
+    if plan.fast is not None:
+        fast = plan.fast
+
+        class CountedFast:
+            def infer(self, *a):
+                calls.append(1)
+                return fast.infer(*a)
+
+            def forward(self, *a):
+                return fast.forward(*a)
+        monkeypatch.setattr(plan, "fast", CountedFast())
     return calls
 
 
@@ -159,3 +171,64 @@ def test_fresh_process_default_layer_under_no_grad():
                          cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split() == ["ok", "cpu"]
+
+
+def _fastpath_built():
+    info = ops.BUILD_INFO or {}
+    return "_fastpath" in info.get("planned", []) and "_fastpath" not in info.get("skipped", {})
+
+
+@needs_c
+def test_the_fastpath_entry_is_built_and_used():
+    """Where the build planned it, cmpe_se_fused._fastpath imports and the cpu plans call through it; its
+    calls give bitwise what torch.ops gives (training forward with its running-statistics update, eval)."""
+    from cmpe_se_fused import hostpath
+    if not _fastpath_built():
+        pytest.skip("cmpe_se_fused._fastpath is not in this build")
+    assert hostpath._fastpath is not None
+    torch.manual_seed(0)
+    m = CMPESE(64, mode="folded_3x3", fold_width=8, backend="cpu").double()
+    u, x = torch.randn(2, 64, 4, 4, dtype=torch.float64), torch.randn(2, 64, 4, 4, dtype=torch.float64)
+    m(u, x)
+    plan = m._host_plans[1]
+    assert plan.fast is not None
+    bn = m.pair_bn
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    y_fast = plan.fast.forward(u, x)
+    after_fast = (bn.running_mean.clone(), bn.running_var.clone())
+    bn.running_mean.copy_(before[0])
+    bn.running_var.copy_(before[1])
+    y_ops = plan.op(u, x, *plan.args)[0]
+    assert torch.equal(y_fast, y_ops) and y_fast.grad_fn is not None
+    assert torch.equal(after_fast[0], bn.running_mean) and torch.equal(after_fast[1], bn.running_var)
+    assert not torch.equal(after_fast[0], before[0])  # the update happened, the same in both
+    m.eval()
+    with torch.no_grad():
+        m(u, x)
+        ev = m._host_plans[0]
+        assert torch.equal(ev.fast.infer(u, x), ev.infer(u, x, *ev.infer_args))
+
+
+@needs_c
+def test_a_torch_function_mode_sees_the_replayed_op():
+    """The C++ entry skips Python's __torch_function__ handling, so under a torch function mode the plan
+    calls torch.ops, and the mode sees the op as it would without a plan."""
+    from torch.overrides import TorchFunctionMode
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.funcs = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.funcs.append(func)
+            return func(*args, **(kwargs or {}))
+
+    m = CMPESE(64, mode="se", backend="cpu").eval()
+    u, x = torch.randn(2, 64, 4, 4), torch.randn(2, 64, 4, 4)
+    with torch.no_grad():
+        y = m(u, x)
+        assert m._host_plans[0] is not None
+        with Seen() as seen:
+            assert torch.equal(m(u, x), y)
+    assert torch.ops.cmpe_se.infer.default in seen.funcs, seen.funcs
