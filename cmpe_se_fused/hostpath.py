@@ -141,13 +141,16 @@ class HostPlan:
         if any(self.hook_dicts) and not module.__dict__.get("_child_hooks_warned"):
             return None  # a hook registered on a child since: the full path warns (once per layer)
         counter = self.counter
+        infer = self.infer is not None and not _is_grad_enabled()
+        fast = self.fast
+        if fast is not None and not _torch_function_mode():
+            try:  # the batch count (before the kernel, undone on an error) happens in C++ here
+                return fast.infer(u, x) if infer else fast.forward(u, x, counter)
+            except _OP_ERRORS:
+                return None  # as below: the full path gives this call its own error (or runs it)
         if counter is not None:  # before the kernel, as nn.BatchNorm2d counts
             counter.add_(1)
         try:
-            infer = self.infer is not None and not _is_grad_enabled()
-            fast = self.fast
-            if fast is not None and not _torch_function_mode():
-                return fast.infer(u, x) if infer else fast.forward(u, x)
             if infer:
                 return self.infer(u, x, *self.infer_args)
             return self.op(u, x, *self.args)[0]

@@ -52,13 +52,21 @@ class Plan {
     }
   }
 
-  // torch.ops.cmpe_se.forward(u, x, *args)[0]
-  Tensor forward(const Tensor& u, const Tensor& x) {
+  // torch.ops.cmpe_se.forward(u, x, *args)[0]; with a batch counter (num_batches_tracked of a training pair
+  // mode), counter += 1 first, undone when the op's checks raise (they run before it writes anything), as
+  // hostpath.HostPlan.replay does on the torch.ops path
+  Tensor forward(const Tensor& u, const Tensor& x, const std::optional<Tensor>& counter) {
     static const auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow("cmpe_se::forward", "").typed<ForwardSig>();
     pybind11::gil_scoped_release no_gil;
-    return std::get<0>(op.call(u, x, fc1_, fc1_id_, fc2_, pair_w_, bn_w_, bn_b_, running_mean_, running_var_, mode_,
-                               training_, momentum_, eps_, fold_width_, padding_));
+    if (counter.has_value()) counter->add_(1);
+    try {
+      return std::get<0>(op.call(u, x, fc1_, fc1_id_, fc2_, pair_w_, bn_w_, bn_b_, running_mean_, running_var_, mode_,
+                                 training_, momentum_, eps_, fold_width_, padding_));
+    } catch (const c10::Error&) {  // the op's own checks (not, e.g., a Python exception from a saved-tensor
+      if (counter.has_value()) counter->sub_(1);  // hook: checkpointing's early stop keeps its count)
+      throw;
+    }
   }
 
   // torch.ops.cmpe_se.infer(u, x, ...) with the same weights and statistics (evaluation mode)
@@ -91,6 +99,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<Tensor, OptTensor, Tensor, OptTensor, OptTensor, OptTensor, Tensor, Tensor, std::string, bool,
                           double, double, int64_t, int64_t>(),
            "The arguments of cmpe_se::forward after u and x, in its schema's order.")
-      .def("forward", &Plan::forward, "y of cmpe_se::forward(u, x, *args)")
+      .def("forward", &Plan::forward, "y of cmpe_se::forward(u, x, *args), counting a batch first when counter is "
+           "given", pybind11::arg("u"), pybind11::arg("x"), pybind11::arg("counter") = pybind11::none())
       .def("infer", &Plan::infer, "cmpe_se::infer(u, x, ...) with the recorded weights and statistics");
 }
