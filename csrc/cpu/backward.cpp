@@ -290,22 +290,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   if (g.mode == Mode::kDoubleFC) a.fc1_id = fc1_identity_weight->contiguous();
   a.fc2 = fc2_weight.contiguous();
   a.training = training;
-  const auto opts = u.options().dtype(g.acc).memory_format(at::MemoryFormat::Contiguous);
-  a.d_fc1 = at::empty_like(a.fc1);
-  a.d_fc1_id = g.mode == Mode::kDoubleFC ? at::empty_like(a.fc1_id) : at::empty({0}, opts);
-  a.d_fc2 = at::empty({g.C, g.R}, opts);
+  a.d_fc1 = new_cpu({g.r, g.Dz}, g.acc);
+  a.d_fc1_id = g.mode == Mode::kDoubleFC ? new_cpu({g.r, g.C}, g.acc) : new_cpu({0}, g.acc);
+  a.d_fc2 = new_cpu({g.C, g.R}, g.acc);
   if (pair) {
     a.pv = make_pair_geom(g.mode, g.C, g.fold, g.pad);
     a.filt = load_filters(*pair_weight, *bn_weight, *bn_bias);
     a.filt.mu = to_doubles(bn_mean);
     a.filt.invstd = to_doubles(bn_invstd);
-    a.d_pair = at::empty({g.e, 1, g.kh, g.kw}, opts);
-    a.d_bn_w = at::empty({g.e}, opts);
-    a.d_bn_b = at::empty({g.e}, opts);
+    a.d_pair = new_cpu({g.e, 1, g.kh, g.kw}, g.acc);
+    a.d_bn_w = new_cpu({g.e}, g.acc);
+    a.d_bn_b = new_cpu({g.e}, g.acc);
   } else {
-    a.d_pair = at::empty({0}, opts);
-    a.d_bn_w = at::empty({0}, opts);
-    a.d_bn_b = at::empty({0}, opts);
+    a.d_pair = new_cpu({0}, g.acc);
+    a.d_bn_w = new_cpu({0}, g.acc);
+    a.d_bn_b = new_cpu({0}, g.acc);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "cmpe_se_backward_cpu",
                                   [&] { run<typename StorageOf<scalar_t>::type>(a); });

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -24,12 +25,28 @@ inline at::MemoryFormat layout_of(const Config& g) {
   return g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+// Fresh CPU tensors from at::empty's CPU kernel itself (at::detail::empty_cpu), without the dispatcher round
+// trip (BackendSelect, then CPU) that costs a few hundred ns per output at host-bound shapes; the same
+// tensors (key set, allocator) as at::empty gives on CPU.
+inline at::Tensor new_cpu(at::IntArrayRef sizes, at::ScalarType dtype,
+                          at::MemoryFormat mf = at::MemoryFormat::Contiguous) {
+  return at::Tensor(at::detail::empty_cpu(sizes, dtype, false, mf));
+}
+
+// torch.empty_like(t) on CPU: t's strides when t is dense and non-overlapping (what empty_like preserves), else
+// at::empty_like itself
+inline at::Tensor new_cpu_like(const at::Tensor& t) {
+  if (t.is_non_overlapping_and_dense())
+    return at::Tensor(at::detail::empty_strided_cpu(t.sizes(), t.strides(), t.scalar_type()));
+  return at::empty_like(t);
+}
+
 // The output as torch.empty_like(u) lays it out, and the dense buffer the kernels write: the output
 // itself when it is dense in the kernel layout, else a temporary copied into it afterwards.
 struct Output {
   at::Tensor out, buf;
-  Output(const at::Tensor& u, at::MemoryFormat mf) : out(at::empty_like(u)) {
-    buf = out.is_contiguous(mf) ? out : at::empty(u.sizes(), u.options().memory_format(mf));
+  Output(const at::Tensor& u, at::MemoryFormat mf) : out(new_cpu_like(u)) {
+    buf = out.is_contiguous(mf) ? out : new_cpu(u.sizes(), u.scalar_type(), mf);
   }
   void finish() { if (!buf.is_same(out)) out.copy_(buf); }
 };

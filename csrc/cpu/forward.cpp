@@ -258,10 +258,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward(
   Output y(u, layout_of(g));
   a.y = y.buf;
   // the six saved outputs: separate allocations (outputs sharing a storage count as aliasing to opcheck)
-  const auto opts = u.options().dtype(g.acc).memory_format(at::MemoryFormat::Contiguous);
   const int64_t e = is_pair(g.mode) ? g.e : 0;
-  Tensor pool_u = at::empty({g.N, g.C}, opts), pool_x = at::empty({g.N, g.C}, opts), gate = at::empty({g.N, g.C}, opts),
-         hidden = at::empty({g.N, g.R}, opts), bn_mean = at::empty({e}, opts), bn_invstd = at::empty({e}, opts);
+  Tensor pool_u = new_cpu({g.N, g.C}, g.acc), pool_x = new_cpu({g.N, g.C}, g.acc), gate = new_cpu({g.N, g.C}, g.acc),
+         hidden = new_cpu({g.N, g.R}, g.acc), bn_mean = new_cpu({e}, g.acc), bn_invstd = new_cpu({e}, g.acc);
   a.pool_u = pool_u.data_ptr();
   a.pool_x = pool_x.data_ptr();
   a.gate = gate.data_ptr();
