@@ -5,7 +5,6 @@
 // with create_graph=True its gradients carry a node whose backward raises.
 // cmpe_se_fused/ops.py registers the Python equivalent only where this kernel is missing (the Triton ops).
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -13,6 +12,8 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+
+#include "op_handles.h"
 
 namespace cmpe_se {
 namespace {
@@ -22,35 +23,18 @@ using OptTensor = std::optional<Tensor>;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using Fwd7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-using Bwd8 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-using ForwardSig = Fwd7(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
-                        const OptTensor&, const OptTensor&, Tensor&, Tensor&, std::string_view, bool, double, double,
-                        int64_t, int64_t);
-using BackwardSig = Bwd8(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                         const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
-                         const OptTensor&, const OptTensor&, std::string_view, bool, int64_t, int64_t);
+using ops::Bwd8;
+using ops::Fwd7;
 
 constexpr int kForwardArgs = 16;
 
-// looked up once; the handles stay valid while the library is loaded
-const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("cmpe_se::forward", "").typed<ForwardSig>();
-  return op;
-}
-
-using InferSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
-                       const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, std::string_view, double,
-                       int64_t, int64_t);
-
-const c10::TypedOperatorHandle<InferSig>& infer_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("cmpe_se::infer", "").typed<InferSig>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("cmpe_se::backward", "").typed<BackwardSig>();
-  return op;
+// Whether a call could need a gradient: grad mode on and one of the differentiable inputs requiring grad.
+bool any_needs_grad(const Tensor& u, const Tensor& x, const Tensor& fc1, const OptTensor& fc1_id, const Tensor& fc2,
+                    const OptTensor& pair_w, const OptTensor& bn_w, const OptTensor& bn_b) {
+  if (!at::GradMode::is_enabled()) return false;
+  const auto opt = [](const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); };
+  return u.requires_grad() || x.requires_grad() || fc1.requires_grad() || opt(fc1_id) || fc2.requires_grad() ||
+         opt(pair_w) || opt(bn_w) || opt(bn_b);
 }
 
 OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
@@ -74,7 +58,7 @@ struct CMPESEFunction : public torch::autograd::Function<CMPESEFunction> {
     Fwd7 outs;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      outs = forward_op().call(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var, mode, training,
+      outs = ops::forward().call(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var, mode, training,
                                momentum, eps, fold_width, padding);
     }
     auto& [y, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd] = outs;
@@ -97,7 +81,7 @@ struct CMPESEFunction : public torch::autograd::Function<CMPESEFunction> {
     Bwd8 g;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      g = backward_op().call(grad_y, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7],
+      g = ops::backward().call(grad_y, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7],
                              opt(saved[8]), saved[9], opt(saved[10]), opt(saved[11]), opt(saved[12]), mode,
                              ctx->saved_data["training"].toBool(), ctx->saved_data["fold_width"].toInt(),
                              ctx->saved_data["padding"].toInt());
@@ -129,15 +113,11 @@ Fwd7 forward_autograd(const Tensor& u, const Tensor& x, const Tensor& fc1, const
                       const OptTensor& pair_w, const OptTensor& bn_w, const OptTensor& bn_b, Tensor& running_mean,
                       Tensor& running_var, std::string_view mode, bool training, double momentum, double eps,
                       int64_t fold_width, int64_t padding) {
-  const auto needs_grad = [](const Tensor& t) { return t.requires_grad(); };
-  const auto opt_needs_grad = [](const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); };
-  if (!at::GradMode::is_enabled() || !(needs_grad(u) || needs_grad(x) || needs_grad(fc1) || opt_needs_grad(fc1_id) ||
-                                       needs_grad(fc2) || opt_needs_grad(pair_w) || opt_needs_grad(bn_w) ||
-                                       opt_needs_grad(bn_b))) {
+  if (!any_needs_grad(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b)) {
     // nothing to differentiate (no_grad, eval with frozen inputs): no graph node, no saved tensors
     at::AutoDispatchBelowADInplaceOrView below;
-    return forward_op().call(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var, mode, training,
-                             momentum, eps, fold_width, padding);
+    return ops::forward().call(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var, mode, training,
+                               momentum, eps, fold_width, padding);
   }
   auto o = CMPESEFunction::apply(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var, mode, training,
                                  momentum, eps, fold_width, padding);
@@ -149,17 +129,11 @@ Tensor infer_autograd(const Tensor& u, const Tensor& x, const Tensor& fc1, const
                       const OptTensor& pair_w, const OptTensor& bn_w, const OptTensor& bn_b, const OptTensor& running_mean,
                       const OptTensor& running_var, std::string_view mode, double eps, int64_t fold_width,
                       int64_t padding) {
-  if (at::GradMode::is_enabled()) {
-    for (const Tensor* t : {&u, &x, &fc1, &fc2})
-      TORCH_CHECK(!t->requires_grad(), "cmpe_se::infer: an input requires grad, but infer is the inference form of "
-                  "cmpe_se::forward and has no backward; call cmpe_se::forward (or run under torch.no_grad())");
-    for (const OptTensor* t : {&fc1_id, &pair_w, &bn_w, &bn_b})
-      TORCH_CHECK(!(t->has_value() && (*t)->requires_grad()), "cmpe_se::infer: an input requires grad, but infer is "
-                  "the inference form of cmpe_se::forward and has no backward; call cmpe_se::forward (or run under "
-                  "torch.no_grad())");
-  }
+  TORCH_CHECK(!any_needs_grad(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b),
+              "cmpe_se::infer: an input requires grad, but infer is the inference form of cmpe_se::forward and has "
+              "no backward; call cmpe_se::forward (or run under torch.no_grad())");
   at::AutoDispatchBelowADInplaceOrView below;
-  return infer_op().call(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var, mode, eps, fold_width,
+  return ops::infer().call(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var, mode, eps, fold_width,
                          padding);
 }
 

@@ -16,24 +16,15 @@
 // torch.ops (what they did before it existed).
 #include <torch/extension.h>
 
-#include <ATen/core/dispatch/Dispatcher.h>
-
 #include <optional>
 #include <string>
-#include <string_view>
-#include <tuple>
+
+#include "op_handles.h"
 
 namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-using Fwd7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-using ForwardSig = Fwd7(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
-                        const OptTensor&, const OptTensor&, Tensor&, Tensor&, std::string_view, bool, double, double,
-                        int64_t, int64_t);
-using InferSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
-                        const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, std::string_view, double,
-                        int64_t, int64_t);
 
 // The recorded arguments of cmpe_se::forward (the order of its schema, u and x left out). The tensors are
 // the layer's own Parameters and buffers (shared TensorImpls: in-place updates and `.data =` are seen).
@@ -56,8 +47,7 @@ class Plan {
   // mode), counter += 1 first, undone when the op's checks raise (they run before it writes anything), as
   // hostpath.HostPlan.replay does on the torch.ops path
   Tensor forward(const Tensor& u, const Tensor& x, const std::optional<Tensor>& counter) {
-    static const auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("cmpe_se::forward", "").typed<ForwardSig>();
+    const auto& op = cmpe_se::ops::forward();
     pybind11::gil_scoped_release no_gil;
     if (counter.has_value()) counter->add_(1);
     try {
@@ -71,7 +61,7 @@ class Plan {
 
   // torch.ops.cmpe_se.infer(u, x, ...) with the same weights and statistics (evaluation mode)
   Tensor infer(const Tensor& u, const Tensor& x) {
-    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("cmpe_se::infer", "").typed<InferSig>();
+    const auto& op = cmpe_se::ops::infer();
     pybind11::gil_scoped_release no_gil;
     return op.call(u, x, fc1_, fc1_id_, fc2_, pair_w_, bn_w_, bn_b_, infer_mean_, infer_var_, mode_, eps_,
                    fold_width_, padding_);

@@ -8,7 +8,6 @@
 
 #include <cmath>
 #include <memory>
-#include <vector>
 
 #include "cpu/checks.h"
 #include "cpu/kernels.h"

@@ -2,7 +2,6 @@
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
 #include "cpu/kernels.h"
 #include "cpu/small_vec.h"

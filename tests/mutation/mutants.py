@@ -138,8 +138,8 @@ MUTANTS = [
            "present(running_var) ? &*running_var : nullptr, mode, true, 0.0, eps, fold_width, padding);",
            "cmpe_se::infer normalises with batch statistics (and writes the running ones)"),
     Mutant("cpu-infer-no-grad-check", CPU, "csrc/autograd.cpp",
-           "  if (at::GradMode::is_enabled()) {\n    for (const Tensor* t : {&u, &x, &fc1, &fc2})",
-           "  if (false) {\n    for (const Tensor* t : {&u, &x, &fc1, &fc2})",
+           "TORCH_CHECK(!any_needs_grad(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b),",
+           "TORCH_CHECK(true || !any_needs_grad(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b),",
            "cmpe_se::infer returns a y cut off from the graph when a gradient is needed"),
     # ---- emulated CUDA kernels (csrc/kernels) ----
     Mutant("emu-squeeze-nchw-swap", EMU, ST,
