@@ -117,7 +117,7 @@ void run(FwdArgs& a) {
     } else if (!pair) {
       mk.gemv_relu(W1, pu + n * C, r, C, h);
     } else {
-      mk.patch_combine(qc, w_eff.data(), b_eff, K, D, z);
+      if (qc != nullptr) mk.patch_combine(qc, w_eff.data(), b_eff, K, D, z);  // else z holds the map already
       mk.gemv_relu(W1, z, r, D, h);
     }
     mk.excite_gate(W2T, h, R, C, gt + n * C);
@@ -154,7 +154,6 @@ void run(FwdArgs& a) {
     return;
   }
 
-  const SmallVec<A> zeros(K, A(0));
   if (pair) {
     running_statistics<A>(a);
     a.filt.collapse(SmallVec<double>(K, 0.0));
@@ -164,11 +163,11 @@ void run(FwdArgs& a) {
   // se: the gate needs pool_u only, so X is summed by the rescale pass and read once
   const bool x_late = g.mode == Mode::kSE;
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-    Buffer<A> scratch(2 * C), qc(K * D), z(D), img(img_size);
+    Buffer<A> scratch(2 * C), z(D), conv(pair ? mk.conv_scratch(a.pv) : 0);
     for (int64_t n = n0; n < n1; ++n) {
       sk.squeeze(u + n * CP, x_late ? nullptr : x + n * CP, C, P, cl, pu + n * C, px + n * C, scratch.data());
-      if (pair) mk.gather_patches(pu + n * C, px + n * C, a.pv, zeros.data(), qc.data(), img.data());
-      excite(n, qc.data(), z.data());
+      if (pair) mk.pair_conv(pu + n * C, px + n * C, a.pv, w_eff.data(), b_eff, z.data(), conv.data());
+      excite(n, nullptr, z.data());
       if (x_late)
         sk.rescale_pool(u + n * CP, x + n * CP, gt + n * C, y + n * CP, C, P, cl, px + n * C, scratch.data());
       else

@@ -80,6 +80,10 @@ struct SmallKernels {
   void (*patch_moments)(const A* Qc, int64_t K, int64_t D, A* c2);
   // v[d] = b + sum_k w[k] * Qc[k,d]
   void (*patch_combine)(const A* Qc, const A* w, A b, int64_t K, int64_t D, A* v);
+  // v[d] = b + sum_k w[k] * (tap k of the pair view at position d): patch_combine with ref = 0,
+  // without the patch matrix. scratch: conv_scratch(geo) values.
+  void (*pair_conv)(const A* pool_u, const A* pool_x, const PairGeom& geo, const A* w, A b, A* v, A* scratch);
+  int64_t (*conv_scratch)(const PairGeom& geo);
   // dq[k,d] = w[k]*dv[d] + cvec[k] - sum_l B[k,l]*Qc[l,d] (B may be null), scattered back onto the pair
   // view (a transposed conv) and accumulated into dpool_u / dpool_x (C each). scratch: K*D + Hp*Wp values.
   void (*patch_scatter)(const A* dv, const A* Qc, const A* w, const A* cvec, const A* B, const PairGeom& geo,

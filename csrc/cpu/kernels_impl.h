@@ -128,7 +128,8 @@ template <class A> const SmallKernels<A>& small_table() {
   using K = Small<A>;
   static const SmallKernels<A> t{&K::dot, &K::axpy, &K::weighted_sum, &K::gemv_relu, &K::excite_gate,
                                  &K::excite_backward, &K::gemv_t, &K::gather_patches, &K::patch_moments,
-                                 &K::patch_combine, &K::patch_scatter};
+                                 &K::patch_combine, &K::pair_conv, &K::conv_scratch,
+                                 &K::patch_scatter};
   return t;
 }
 template const StreamKernels<float>& stream_table<float>();

@@ -2,11 +2,13 @@
 // inside the per-ISA namespace; see there). Vector lengths are C, r, D (at most a few thousand),
 // all operands stay in L1/L2.
 
-template <class A> struct VecOf;
-template <> struct VecOf<float> { using V = f32x8; static constexpr int L = 8; };
-template <> struct VecOf<double> { using V = f64x4; static constexpr int L = 4; };
-
 typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef int64_t i64x4 __attribute__((vector_size(32)));
+
+// I: lane masks of V (lanes of the same width, Lane)
+template <class A> struct VecOf;
+template <> struct VecOf<float> { using V = f32x8; using I = i32x8; using Lane = int32_t; static constexpr int L = 8; };
+template <> struct VecOf<double> { using V = f64x4; using I = i64x4; using Lane = int64_t; static constexpr int L = 4; };
 
 // exp(x), 8 lanes: Cephes expf (range reduction by ln 2 in two parts, degree-5 polynomial), within
 // about 1 ulp like the libm / Sleef exp that torch.sigmoid uses. NaN propagates.
@@ -38,6 +40,8 @@ template <> CMPE_INL void sigmoid_inplace<float>(float* g, int64_t n) {
 template <class A>
 struct Small {
   using V = typename VecOf<A>::V;
+  using I = typename VecOf<A>::I;
+  using Lane = typename VecOf<A>::Lane;
   static constexpr int L = VecOf<A>::L;
 
   static A dot(const A* a, const A* b, int64_t n) {
@@ -134,6 +138,8 @@ struct Small {
 
   static void gather_patches(const A* pool_u, const A* pool_x, const PairGeom& g, const A* ref, A* Qc, A* img) {
     build_image(pool_u, pool_x, g, img);
+    const A* img_end = img + g.Hp * g.Wp;
+    const A* qc_end = Qc + g.K * g.D;
     for (int64_t a = 0; a < g.kh; ++a)
       for (int64_t b = 0; b < g.kw; ++b) {
         const int64_t k = a * g.kw + b;
@@ -142,11 +148,59 @@ struct Small {
         for (int64_t oi = 0; oi < g.Ho; ++oi) {
           const A* src = img + (oi + a) * g.Wp + b;
           A* dst = Qc + k * g.D + oi * g.Wo;
+          // whole vectors even across the row's end (narrow maps: Wo < L): the lanes past it land
+          // on the next row or tap, which is written after this one; scalar only at the buffers' ends
           int64_t j = 0;
-          for (; j + L <= g.Wo; j += L) vstore(dst + j, vload<V>(src + j) - rv);
+          for (; j < g.Wo && src + j + L <= img_end && dst + j + L <= qc_end; j += L)
+            vstore(dst + j, vload<V>(src + j) - rv);
           for (; j < g.Wo; ++j) dst[j] = src[j] - rk;
         }
       }
+  }
+
+  // Scratch of pair_conv: the image plus slack for the wide map's reads, then the wide map.
+  static int64_t conv_scratch(const PairGeom& g) {
+    const int64_t wide = (g.Ho * g.Wp + L - 1) / L * L;
+    return g.Hp * g.Wp + g.kw + L + wide;
+  }
+
+  // v = b + sum_k w[k] * tap k, straight from the image (no patch matrix; evaluation-mode forward).
+  // The map is computed over whole image rows (Ho x Wp, the columns past Wo discarded), so every
+  // tap is one run of vector FMAs however narrow the map; each v[d] is summed in patch_combine's
+  // order (k ascending from 0, then + b).
+  static void pair_conv(const A* pool_u, const A* pool_x, const PairGeom& g, const A* w, A b, A* v, A* scratch) {
+    const int64_t img_size = g.Hp * g.Wp, n = g.Ho * g.Wp;
+    A* img = scratch;
+    A* wide = scratch + img_size + g.kw + L;
+    build_image(pool_u, pool_x, g, img);
+    for (int64_t i = img_size; i < img_size + g.kw + L; ++i) img[i] = A(0);
+    int64_t off[9];
+    for (int64_t a = 0; a < g.kh; ++a)
+      for (int64_t c = 0; c < g.kw; ++c) off[a * g.kw + c] = a * g.Wp + c;
+    const int64_t K = g.K, nr = (n + L - 1) / L * L;  // whole vectors: the last reads into the slack
+    int64_t i = 0;
+    for (; i + 4 * L <= nr; i += 4 * L) {
+      V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const V c = V{} + w[k];
+        const A* src = img + i + off[k];
+        a0 += c * vload<V>(src);
+        a1 += c * vload<V>(src + L);
+        a2 += c * vload<V>(src + 2 * L);
+        a3 += c * vload<V>(src + 3 * L);
+      }
+      vstore(wide + i, a0);
+      vstore(wide + i + L, a1);
+      vstore(wide + i + 2 * L, a2);
+      vstore(wide + i + 3 * L, a3);
+    }
+    for (; i < nr; i += L) {
+      V a0 = {};
+      for (int64_t k = 0; k < K; ++k) a0 += (V{} + w[k]) * vload<V>(img + i + off[k]);
+      vstore(wide + i, a0);
+    }
+    for (int64_t oi = 0; oi < g.Ho; ++oi)
+      for (int64_t j = 0; j < g.Wo; ++j) v[oi * g.Wo + j] = wide[oi * g.Wp + j] + b;
   }
 
   static void patch_moments(const A* Qc, int64_t K, int64_t D, A* c2) {
@@ -201,14 +255,24 @@ struct Small {
       patch_dq<0>(dv, Qc, w, cvec, B, K, D, dq);
     }
     for (int64_t i = 0; i < g.Hp * g.Wp; ++i) dimg[i] = A(0);
+    const A* dimg_end = dimg + g.Hp * g.Wp;
+    const A* dq_end = dq + K * D;
+    I lane;
+    for (int t = 0; t < L; ++t) lane[t] = static_cast<Lane>(t);
     for (int64_t a = 0; a < g.kh; ++a)
       for (int64_t b = 0; b < g.kw; ++b) {
         const A* dqk = dq + (a * g.kw + b) * D;
         for (int64_t oi = 0; oi < g.Ho; ++oi) {
           A* dst = dimg + (oi + a) * g.Wp + b;
           const A* src = dqk + oi * g.Wo;
+          // whole vectors, the lanes past the row's end (narrow maps: Wo < L) stored back unchanged;
+          // each sum is the scalar loop's
           int64_t j = 0;
-          for (; j + L <= g.Wo; j += L) vstore(dst + j, vload<V>(dst + j) + vload<V>(src + j));
+          for (; j < g.Wo && dst + j + L <= dimg_end && src + j + L <= dq_end; j += L) {
+            const V d = vload<V>(dst + j);
+            const I rem = I{} + static_cast<Lane>(g.Wo - j);
+            vstore(dst + j, lane < rem ? d + vload<V>(src + j) : d);
+          }
           for (; j < g.Wo; ++j) dst[j] += src[j];
         }
       }
