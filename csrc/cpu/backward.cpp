@@ -118,7 +118,8 @@ void run(BwdArgs& a) {
   const int64_t K = a.pv.K, D = a.pv.D;
   const int64_t img_size = a.pv.Hp * a.pv.Wp;
 
-  Buffer<A> dg(N * C), dh(N * R), z(pair ? N * D : 0), dv(pair ? N * D : 0), Qc(pair ? N * K * D : 0);
+  Buffer<A> dg(N * C), dh(N * R), z(pair ? N * D : 0), dv(pair ? N * D : 0);
+  Buffer<A, kPatchInline> Qc(pair ? N * K * D : 0);
   PairSums<A> ps;
   SmallVec<double> mq;
   SmallVec<A> mqA, w_eff, cvec(K, A(0)), B;
@@ -191,7 +192,8 @@ void run(BwdArgs& a) {
   };
   auto samples = [&](bool do_head, bool do_tail) {
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-      Buffer<A> G(C), dpu(C), dpx(C), scratch(std::max(C, K * D + img_size));
+      Buffer<A> G(C), dpu(C), dpx(C);
+      Buffer<A, kPatchInline> scratch(std::max(C, K * D + img_size));
       // a tails-only pass walks its chunk backwards: the last heads' dY is still in cache
       for (int64_t i = n0; i < n1; ++i) {
         const int64_t n = do_head ? i : n1 - 1 - (i - n0);

@@ -97,10 +97,9 @@ inline PairFilters load_filters(const at::Tensor& pair_w, const at::Tensor& bn_w
 
 // An uninitialised work buffer (std::vector would zero-fill megabytes per call). Up to kInline elements
 // live inside the object (on the stack: no allocation at the small sizes of a host-bound call), more on
-// the heap.
-template <class A>
+// the heap. The patch buffers of the training pair modes take a larger kInline (kPatchInline).
+template <class A, int64_t kInline = 256>
 struct Buffer {
-  static constexpr int64_t kInline = 256;
   A small[kInline];
   std::unique_ptr<A[]> heap;
   A* p;
@@ -110,6 +109,10 @@ struct Buffer {
   A* data() const { return p; }
   A& operator[](int64_t i) const { return p[i]; }
 };
+
+// Inline capacity of the patch buffers (N*K*D and K*D + Hp*Wp values): a batch of 2 of C=64 at fold 8
+// (1512 values) needs no heap allocation
+constexpr int64_t kPatchInline = 2048;
 
 // W^T of a row-major [rows, cols] matrix into t ([cols, rows]): cheaper than an ATen copy at the small
 // sizes of the excitation weights, where a transposing at::Tensor copy costs microseconds

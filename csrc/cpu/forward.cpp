@@ -131,7 +131,8 @@ void run(FwdArgs& a) {
     });
     const SmallVec<double> mq = patch_mean(a.pv, pu, px, N);
     const SmallVec<A> mqA = cast_vec<A>(mq);
-    Buffer<A> Qc(N * K * D), c2(N * K * K);
+    Buffer<A, kPatchInline> Qc(N * K * D);
+    Buffer<A> c2(N * K * K);
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
       Buffer<A> img(img_size);
       for (int64_t n = n0; n < n1; ++n) {

@@ -41,7 +41,8 @@ inline PairGeom make_pair_geom(Mode mode, int64_t C, int64_t m, int64_t pad) {
 // mq[k]: the batch mean of tap k = the mean over map positions of the batch-mean image (double).
 template <class A>
 SmallVec<double> patch_mean(const PairGeom& g, const A* pu, const A* px, int64_t N) {
-  SmallVec<double> mean_u(g.C, 0.0), mean_x(g.C, 0.0), img(g.Hp * g.Wp, 0.0), mq(g.K, 0.0);
+  SmallVec<double> mean_u(g.C, 0.0), mean_x(g.C, 0.0), mq(g.K, 0.0);
+  SmallVec<double, 512> img(g.Hp * g.Wp, 0.0);
   if (N == 0 || g.D == 0) return mq;
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < g.C; ++c) {
@@ -58,11 +59,19 @@ SmallVec<double> patch_mean(const PairGeom& g, const A* pu, const A* px, int64_t
       img[2 * c + 1] = mean_x[c];
     }
   }
+  // the window sums in two passes: row[r * kw + b] = image row r over columns b .. b+Wo-1, then tap
+  // (a, b) = rows a .. a+Ho-1 of those (many short independent chains instead of one long one)
+  SmallVec<double> row(g.Hp * g.kw, 0.0);
+  for (int64_t r = 0; r < g.Hp; ++r)
+    for (int64_t b = 0; b < g.kw; ++b) {
+      double s = 0.0;
+      for (int64_t oj = 0; oj < g.Wo; ++oj) s += img[r * g.Wp + oj + b];
+      row[r * g.kw + b] = s;
+    }
   for (int64_t a = 0; a < g.kh; ++a)
     for (int64_t b = 0; b < g.kw; ++b) {
       double s = 0.0;
-      for (int64_t oi = 0; oi < g.Ho; ++oi)
-        for (int64_t oj = 0; oj < g.Wo; ++oj) s += img[(oi + a) * g.Wp + oj + b];
+      for (int64_t oi = 0; oi < g.Ho; ++oi) s += row[(oi + a) * g.kw + b];
       mq[a * g.kw + b] = s / (static_cast<double>(N) * g.D);
     }
   return mq;

@@ -138,22 +138,24 @@ struct Small {
 
   static void gather_patches(const A* pool_u, const A* pool_x, const PairGeom& g, const A* ref, A* Qc, A* img) {
     build_image(pool_u, pool_x, g, img);
-    const A* img_end = img + g.Hp * g.Wp;
-    const A* qc_end = Qc + g.K * g.D;
-    for (int64_t a = 0; a < g.kh; ++a)
-      for (int64_t b = 0; b < g.kw; ++b) {
-        const int64_t k = a * g.kw + b;
+    // the geometry in locals: the stores below could alias g as far as the compiler knows
+    const int64_t kh = g.kh, kw = g.kw, Ho = g.Ho, Wo = g.Wo, Wp = g.Wp, D = g.D;
+    const A* img_end = img + g.Hp * Wp;
+    const A* qc_end = Qc + g.K * D;
+    for (int64_t a = 0; a < kh; ++a)
+      for (int64_t b = 0; b < kw; ++b) {
+        const int64_t k = a * kw + b;
         const A rk = ref[k];
         const V rv = V{} + rk;
-        for (int64_t oi = 0; oi < g.Ho; ++oi) {
-          const A* src = img + (oi + a) * g.Wp + b;
-          A* dst = Qc + k * g.D + oi * g.Wo;
+        for (int64_t oi = 0; oi < Ho; ++oi) {
+          const A* src = img + (oi + a) * Wp + b;
+          A* dst = Qc + k * D + oi * Wo;
           // whole vectors even across the row's end (narrow maps: Wo < L): the lanes past it land
           // on the next row or tap, which is written after this one; scalar only at the buffers' ends
           int64_t j = 0;
-          for (; j < g.Wo && src + j + L <= img_end && dst + j + L <= qc_end; j += L)
+          for (; j < Wo && src + j + L <= img_end && dst + j + L <= qc_end; j += L)
             vstore(dst + j, vload<V>(src + j) - rv);
-          for (; j < g.Wo; ++j) dst[j] = src[j] - rk;
+          for (; j < Wo; ++j) dst[j] = src[j] - rk;
         }
       }
   }
@@ -255,25 +257,26 @@ struct Small {
       patch_dq<0>(dv, Qc, w, cvec, B, K, D, dq);
     }
     for (int64_t i = 0; i < g.Hp * g.Wp; ++i) dimg[i] = A(0);
-    const A* dimg_end = dimg + g.Hp * g.Wp;
+    const int64_t kh = g.kh, kw = g.kw, Ho = g.Ho, Wo = g.Wo, Wp = g.Wp;  // locals: see gather_patches
+    const A* dimg_end = dimg + g.Hp * Wp;
     const A* dq_end = dq + K * D;
     I lane;
     for (int t = 0; t < L; ++t) lane[t] = static_cast<Lane>(t);
-    for (int64_t a = 0; a < g.kh; ++a)
-      for (int64_t b = 0; b < g.kw; ++b) {
-        const A* dqk = dq + (a * g.kw + b) * D;
-        for (int64_t oi = 0; oi < g.Ho; ++oi) {
-          A* dst = dimg + (oi + a) * g.Wp + b;
-          const A* src = dqk + oi * g.Wo;
+    for (int64_t a = 0; a < kh; ++a)
+      for (int64_t b = 0; b < kw; ++b) {
+        const A* dqk = dq + (a * kw + b) * D;
+        for (int64_t oi = 0; oi < Ho; ++oi) {
+          A* dst = dimg + (oi + a) * Wp + b;
+          const A* src = dqk + oi * Wo;
           // whole vectors, the lanes past the row's end (narrow maps: Wo < L) stored back unchanged;
           // each sum is the scalar loop's
           int64_t j = 0;
-          for (; j < g.Wo && dst + j + L <= dimg_end && src + j + L <= dq_end; j += L) {
+          for (; j < Wo && dst + j + L <= dimg_end && src + j + L <= dq_end; j += L) {
             const V d = vload<V>(dst + j);
-            const I rem = I{} + static_cast<Lane>(g.Wo - j);
+            const I rem = I{} + static_cast<Lane>(Wo - j);
             vstore(dst + j, lane < rem ? d + vload<V>(src + j) : d);
           }
-          for (; j < g.Wo; ++j) dst[j] += src[j];
+          for (; j < Wo; ++j) dst[j] += src[j];
         }
       }
     if (!g.folded) {
