@@ -101,6 +101,10 @@ MUTANTS = [
            "v[oi * g.Wo + j] = wide[oi * g.Wp + j];",
            "evaluation pair conv: the collapsed BN shift b_eff dropped"),
     # ---- CPU: forward.cpp / backward.cpp / pair_view.h ----
+    Mutant("cpu-patch-mean-window-col", CPU, P,
+           "for (int64_t oj = 0; oj < g.Wo; ++oj) s += img[r * g.Wp + oj + b];",
+           "for (int64_t oj = 0; oj < g.Wo; ++oj) s += img[r * g.Wp + oj];",
+           "training pair modes, batch patch means: every tap of a filter row sums column window 0"),
     Mutant("cpu-eps-train-hardcoded", CPU, F,
            "invstd_out[i] = static_cast<A>(1.0 / std::sqrt(var[i] + a.eps));",
            "invstd_out[i] = static_cast<A>(1.0 / std::sqrt(var[i] + 1e-5));",
