@@ -66,15 +66,16 @@ struct Small {
     for (; i < n; ++i) y[i] += alpha * x[i];
   }
 
-  // out[k] = sum_i coef[i*cs] * rows[i*len + k], summed over i in order; register-blocked so that
-  // out is written once (the weight-gradient GEMMs, W1' dh, W2 h and the filter combination).
-  static void weighted_sum(const A* coef, int64_t cs, const A* rows, int64_t n, int64_t len, A* out) {
+  // out[k] = sum_i coef[i*cs] * row(i)[k], summed over i in order; register-blocked so that out is
+  // written once. row(i): the i-th row's pointer (rows of a matrix, or shifted runs of one image).
+  template <class RowAt>
+  static CMPE_INL void weighted_rows(const A* coef, int64_t cs, RowAt row, int64_t n, int64_t len, A* out) {
     int64_t k = 0;
     for (; k + 4 * L <= len; k += 4 * L) {
       V a0 = {}, a1 = {}, a2 = {}, a3 = {};
       for (int64_t i = 0; i < n; ++i) {
         const V c = V{} + coef[i * cs];
-        const A* r = rows + i * len + k;
+        const A* r = row(i) + k;
         a0 += c * vload<V>(r);
         a1 += c * vload<V>(r + L);
         a2 += c * vload<V>(r + 2 * L);
@@ -87,14 +88,20 @@ struct Small {
     }
     for (; k + L <= len; k += L) {
       V a0 = {};
-      for (int64_t i = 0; i < n; ++i) a0 += (V{} + coef[i * cs]) * vload<V>(rows + i * len + k);
+      for (int64_t i = 0; i < n; ++i) a0 += (V{} + coef[i * cs]) * vload<V>(row(i) + k);
       vstore(out + k, a0);
     }
     for (; k < len; ++k) {
       A s = A(0);
-      for (int64_t i = 0; i < n; ++i) s += coef[i * cs] * rows[i * len + k];
+      for (int64_t i = 0; i < n; ++i) s += coef[i * cs] * row(i)[k];
       out[k] = s;
     }
+  }
+
+  // out[k] = sum_i coef[i*cs] * rows[i*len + k] (the weight-gradient GEMMs, W1' dh, W2 h and the filter
+  // combination)
+  static void weighted_sum(const A* coef, int64_t cs, const A* rows, int64_t n, int64_t len, A* out) {
+    weighted_rows(coef, cs, [rows, len](int64_t i) { return rows + i * len; }, n, len, out);
   }
 
   static void gemv_relu(const A* W, const A* x, int64_t rows, int64_t cols, A* y) {
@@ -179,28 +186,8 @@ struct Small {
     int64_t off[9];
     for (int64_t a = 0; a < g.kh; ++a)
       for (int64_t c = 0; c < g.kw; ++c) off[a * g.kw + c] = a * g.Wp + c;
-    const int64_t K = g.K, nr = (n + L - 1) / L * L;  // whole vectors: the last reads into the slack
-    int64_t i = 0;
-    for (; i + 4 * L <= nr; i += 4 * L) {
-      V a0 = {}, a1 = {}, a2 = {}, a3 = {};
-      for (int64_t k = 0; k < K; ++k) {
-        const V c = V{} + w[k];
-        const A* src = img + i + off[k];
-        a0 += c * vload<V>(src);
-        a1 += c * vload<V>(src + L);
-        a2 += c * vload<V>(src + 2 * L);
-        a3 += c * vload<V>(src + 3 * L);
-      }
-      vstore(wide + i, a0);
-      vstore(wide + i + L, a1);
-      vstore(wide + i + 2 * L, a2);
-      vstore(wide + i + 3 * L, a3);
-    }
-    for (; i < nr; i += L) {
-      V a0 = {};
-      for (int64_t k = 0; k < K; ++k) a0 += (V{} + w[k]) * vload<V>(img + i + off[k]);
-      vstore(wide + i, a0);
-    }
+    const int64_t nr = (n + L - 1) / L * L;  // whole vectors: the last reads into the slack
+    weighted_rows(w, 1, [img, &off](int64_t k) { return img + off[k]; }, g.K, nr, wide);
     for (int64_t oi = 0; oi < g.Ho; ++oi)
       for (int64_t j = 0; j < g.Wo; ++j) v[oi * g.Wo + j] = wide[oi * g.Wp + j] + b;
   }
