@@ -1,8 +1,9 @@
 // The Autograd-key kernel of cmpe_se::forward (every device: CPU and CUDA kernels share the op), in
 // C++ so that neither an eval nor a training call runs Python autograd (docs/ARCHITECTURE.md, "The
 // host path"). It redispatches below autograd to the device kernel, saves what cmpe_se::backward
-// reads, and marks the saved outputs non-differentiable. The backward op is once-differentiable:
-// with create_graph=True its gradients carry a node whose backward raises.
+// reads, and gives the saved outputs back as plain tensors: only y is differentiable, so only y is an
+// output of the autograd Function (a call wraps one output, not seven). The backward op is
+// once-differentiable: with create_graph=True its gradients carry a node whose backward raises.
 // cmpe_se_fused/ops.py registers the Python equivalent only where this kernel is missing (the Triton ops).
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -26,7 +27,7 @@ using torch::autograd::variable_list;
 using ops::Bwd8;
 using ops::Fwd7;
 
-constexpr int kForwardArgs = 16;
+constexpr int kForwardArgs = 17;  // the op's 16 arguments and the outs pointer
 
 // Whether a call could need a gradient: grad mode on and one of the differentiable inputs requiring grad.
 bool any_needs_grad(const Tensor& u, const Tensor& x, const Tensor& fc1, const OptTensor& fc1_id, const Tensor& fc2,
@@ -49,27 +50,26 @@ struct NoDoubleBackward : public torch::autograd::Function<NoDoubleBackward> {
   }
 };
 
+// The Function's only output is y: the six saved outputs of the op, not differentiable, leave through
+// `outs` as plain tensors (what mark_non_differentiable made of them, without wrapping each one).
 struct CMPESEFunction : public torch::autograd::Function<CMPESEFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& u, const Tensor& x, const Tensor& fc1,
-                               const OptTensor& fc1_id, const Tensor& fc2, const OptTensor& pair_w,
-                               const OptTensor& bn_w, const OptTensor& bn_b, Tensor running_mean, Tensor running_var,
-                               std::string_view mode, bool training, double momentum, double eps, int64_t fold_width,
-                               int64_t padding) {
-    Fwd7 outs;
+  static Tensor forward(AutogradContext* ctx, const Tensor& u, const Tensor& x, const Tensor& fc1,
+                        const OptTensor& fc1_id, const Tensor& fc2, const OptTensor& pair_w, const OptTensor& bn_w,
+                        const OptTensor& bn_b, Tensor running_mean, Tensor running_var, std::string_view mode,
+                        bool training, double momentum, double eps, int64_t fold_width, int64_t padding, Fwd7* outs) {
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      outs = ops::forward().call(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var, mode, training,
-                               momentum, eps, fold_width, padding);
+      *outs = ops::forward().call(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var, mode, training,
+                                momentum, eps, fold_width, padding);
     }
-    auto& [y, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd] = outs;
+    auto& [y, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd] = *outs;
     ctx->save_for_backward({u, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd, fc1, fc1_id.value_or(Tensor()), fc2,
                             pair_w.value_or(Tensor()), bn_w.value_or(Tensor()), bn_b.value_or(Tensor())});
     ctx->saved_data["mode"] = std::string(mode);
     ctx->saved_data["training"] = training;
     ctx->saved_data["fold_width"] = fold_width;
     ctx->saved_data["padding"] = padding;
-    ctx->mark_non_differentiable({pool_u, pool_x, gate, hidden, bn_mean, bn_invstd});
-    return {y, pool_u, pool_x, gate, hidden, bn_mean, bn_invstd};
+    return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -119,9 +119,11 @@ Fwd7 forward_autograd(const Tensor& u, const Tensor& x, const Tensor& fc1, const
     return ops::forward().call(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var, mode, training,
                                momentum, eps, fold_width, padding);
   }
-  auto o = CMPESEFunction::apply(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var, mode, training,
-                                 momentum, eps, fold_width, padding);
-  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
+  Fwd7 outs;
+  Tensor y = CMPESEFunction::apply(u, x, fc1, fc1_id, fc2, pair_w, bn_w, bn_b, running_mean, running_var, mode,
+                                   training, momentum, eps, fold_width, padding, &outs);
+  std::get<0>(outs) = std::move(y);
+  return outs;
 }
 
 // cmpe_se::infer has no backward: a call that could need one raises instead of returning a y cut off from the graph.
