@@ -109,7 +109,8 @@ void run(FwdArgs& a) {
   SmallVec<A> w_eff;
   A b_eff = A(0);
 
-  auto excite = [&](int64_t n, const A* qc, A* z) {
+  // the gate of sample n; in the pair modes z holds its map already (patch_combine or pair_conv)
+  auto excite = [&](int64_t n, const A* z) {
     A* h = hid + n * R;
     if (g.mode == Mode::kDoubleFC) {
       mk.gemv_relu(W1, pu + n * C, r, C, h);
@@ -117,7 +118,6 @@ void run(FwdArgs& a) {
     } else if (!pair) {
       mk.gemv_relu(W1, pu + n * C, r, C, h);
     } else {
-      if (qc != nullptr) mk.patch_combine(qc, w_eff.data(), b_eff, K, D, z);  // else z holds the map already
       mk.gemv_relu(W1, z, r, D, h);
     }
     mk.excite_gate(W2T, h, R, C, gt + n * C);
@@ -148,7 +148,8 @@ void run(FwdArgs& a) {
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
       Buffer<A> z(D);
       for (int64_t n = n1 - 1; n >= n0; --n) {
-        excite(n, Qc.data() + n * K * D, z.data());
+        mk.patch_combine(Qc.data() + n * K * D, w_eff.data(), b_eff, K, D, z.data());
+        excite(n, z.data());
         sk.rescale(u + n * CP, x + n * CP, gt + n * C, y + n * CP, C, P, cl);
       }
     });
@@ -168,7 +169,7 @@ void run(FwdArgs& a) {
     for (int64_t n = n0; n < n1; ++n) {
       sk.squeeze(u + n * CP, x_late ? nullptr : x + n * CP, C, P, cl, pu + n * C, px + n * C, scratch.data());
       if (pair) mk.pair_conv(pu + n * C, px + n * C, a.pv, w_eff.data(), b_eff, z.data(), conv.data());
-      excite(n, nullptr, z.data());
+      excite(n, z.data());
       if (x_late)
         sk.rescale_pool(u + n * CP, x + n * CP, gt + n * C, y + n * CP, C, P, cl, px + n * C, scratch.data());
       else
